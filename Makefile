@@ -1,0 +1,51 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+# Run everything on the CPU cores we have; keeps CI (2 cores) predictable.
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM = false
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export MPLBACKEND = Agg
+
+.PHONY: demo test test-fast notebooks lab bench clean venv
+
+# The stamp is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/minidpo demo --output-dir runs/demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest tests
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+		$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks; \
+	fi
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest tests -x
+
+# Re-execute every notebook in place (after changing the package), so the committed outputs stay true.
+notebooks: $(VENV)/.installed
+	cd notebooks && for nb in 0*.ipynb; do \
+		../$(BIN)/jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
+
+lab: $(VENV)/.installed
+	$(BIN)/jupyter lab notebooks
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/bench_dpo.py
+
+clean:
+	rm -rf $(VENV) runs .cache *.egg-info
