@@ -1,0 +1,320 @@
+"""The exact world: a few prompts, a finite set of responses, and everything computable in closed form.
+
+Real DPO runs can only estimate how close they got to the RLHF optimum. Here the response set is small, so
+pi_ref(y|x) and r(x, y) are tables of shape (P, K) (P prompts, K responses each) and the optimum of the
+KL-regularised objective is known exactly:
+
+    pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x),   Z(x) = sum_y pi_ref(y|x) exp(r(x, y) / beta)
+
+(book chapter ``seeds/000``, eq:dpo_opt_policy and eq:dpo_partition; DPO paper, Rafailov et al. 2023, Eq. 4).
+A tabular policy -- one free logit per (prompt, response) -- trained with DPO or IPO on preference pairs drawn
+from a Bradley-Terry model can then be compared with pi* exactly, with no sampling error in the comparison.
+
+Everything here works in float64: the point of this world is exact comparisons, and float32's 1e-7 would
+blur the small KL values that the "more pairs -> closer to pi*" experiment measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .losses import preference_loss
+
+DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Closed forms
+
+
+def _check_beta(beta) -> None:
+    b = torch.as_tensor(beta, dtype=DTYPE)
+    if torch.isnan(b).any() or not (b > 0).all():  # beta = inf is allowed: it gives pi_ref back
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def _check_tables(reference_probs: torch.Tensor, rewards: torch.Tensor) -> None:
+    for name, t in (("reference_probs", reference_probs), ("rewards", rewards)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must have at least one dimension (the responses), got a scalar")
+    if reference_probs.shape != rewards.shape:
+        raise ValueError(f"shape mismatch: reference_probs is {tuple(reference_probs.shape)} "
+                         f"but rewards is {tuple(rewards.shape)}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards must be finite")
+    if (reference_probs < 0).any() or not torch.isfinite(reference_probs).all():
+        raise ValueError("reference_probs must be finite and >= 0")
+    if not (reference_probs.sum(-1) > 0).all():
+        raise ValueError("every row of reference_probs needs some positive mass (sum over the last dim > 0)")
+
+
+def optimal_policy(reference_probs: torch.Tensor, rewards: torch.Tensor, beta) -> torch.Tensor:
+    """pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x): the maximiser of the KL-regularised objective.
+
+    Book chapter eq:dpo_opt_policy (DPO paper, Eq. 4). Normalised over the last dim; torch in, torch out.
+    Computed as softmax(log pi_ref + r / beta) so that a tiny beta (r / beta huge) does not overflow.
+    Rows of ``reference_probs`` need not sum to 1: a constant factor per row cancels in Z(x). Responses with
+    pi_ref = 0 get pi* = 0 whatever their reward (the optimum never leaves the reference's support).
+    ``beta`` is a positive number (``float('inf')`` gives pi_ref) or a tensor that broadcasts against the
+    tables with a trailing 1 (for example shape (n_betas, 1, 1) to sweep beta at once).
+    """
+    _check_tables(reference_probs, rewards)
+    _check_beta(beta)
+    beta = torch.as_tensor(beta, dtype=rewards.dtype if rewards.is_floating_point() else DTYPE)
+    with torch.no_grad():
+        log_ref = torch.log(reference_probs.to(beta.dtype))  # log 0 = -inf: zero-probability responses stay 0
+        return torch.softmax(log_ref + rewards.to(beta.dtype) / beta, dim=-1)
+
+
+def log_partition(reference_probs: torch.Tensor, rewards: torch.Tensor, beta) -> torch.Tensor:
+    """log Z(x) = log sum_y pi_ref(y|x) exp(r(x,y)/beta), shape (...,) (book chapter eq:dpo_partition).
+
+    beta * log Z(x) is the optimal value of the objective for prompt x (see ``rlhf_objective``).
+    """
+    _check_tables(reference_probs, rewards)
+    _check_beta(beta)
+    beta = torch.as_tensor(beta, dtype=DTYPE)
+    return torch.logsumexp(torch.log(reference_probs.to(DTYPE)) + rewards.to(DTYPE) / beta, dim=-1)
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_y p(y) log(p(y) / q(y)) over the last dim, with 0 log 0 = 0. Shape (...,).
+
+    Infinite where p puts mass on a response that q gives probability 0 (as it should be).
+    """
+    if p.shape != q.shape:
+        raise ValueError(f"shape mismatch: p is {tuple(p.shape)} but q is {tuple(q.shape)}")
+    p, q = p.to(DTYPE), q.to(DTYPE)
+    terms = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def rlhf_objective(policy_probs: torch.Tensor, reference_probs: torch.Tensor, rewards: torch.Tensor, beta,
+                   prompt_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """J(pi) = E_x [ E_{y~pi} r(x,y) - beta KL(pi(.|x) || pi_ref(.|x)) ].
+
+    The KL-regularised RLHF objective, book chapter eq:rlhf_opt_eq_repeat written out as eq:dpo_deriv_1.
+    The expectation over prompts uses ``prompt_probs`` (P,), uniform by default. ``policy_probs`` may carry
+    leading dims (many policies at once, shape (..., P, K)); the result then has those dims. For any pi,
+        J(pi*) - J(pi) = beta E_x KL(pi(.|x) || pi*(.|x)) >= 0       (eq:dpo_deriv_10 and Gibbs' inequality)
+    and J(pi*) = beta E_x log Z(x).
+    """
+    _check_tables(reference_probs, rewards)
+    _check_beta(beta)
+    if policy_probs.shape[policy_probs.dim() - reference_probs.dim():] != reference_probs.shape:
+        raise ValueError(f"shape mismatch: policy_probs is {tuple(policy_probs.shape)} "
+                         f"but reference_probs is {tuple(reference_probs.shape)}")
+    reference_probs = reference_probs.expand_as(policy_probs)  # leading dims of policy_probs: many policies
+    expected_reward = (policy_probs.to(DTYPE) * rewards.to(DTYPE)).sum(-1)
+    per_prompt = expected_reward - beta * kl_divergence(policy_probs, reference_probs)
+    return _average_over_prompts(per_prompt, prompt_probs)
+
+
+def _average_over_prompts(per_prompt: torch.Tensor, prompt_probs: torch.Tensor | None) -> torch.Tensor:
+    if prompt_probs is None:
+        return per_prompt.mean(-1)
+    if prompt_probs.shape != per_prompt.shape[-1:]:
+        raise ValueError(f"prompt_probs must have shape ({per_prompt.shape[-1]},), got {tuple(prompt_probs.shape)}")
+    return (per_prompt * prompt_probs.to(DTYPE)).sum(-1)
+
+
+def implicit_reward(policy_probs: torch.Tensor, reference_probs: torch.Tensor, beta) -> torch.Tensor:
+    """r_hat(x, y) = beta log(pi(y|x) / pi_ref(y|x)), book chapter eq:dpo_reward (DPO paper, Sec. 5).
+
+    For pi = pi* it equals the true reward minus beta log Z(x): a per-prompt shift, which no Bradley-Terry
+    probability can see (eq:dpo_loss_deriv1).
+    """
+    _check_beta(beta)
+    return beta * (torch.log(policy_probs.to(DTYPE)) - torch.log(reference_probs.to(DTYPE)))
+
+
+def bradley_terry_matrix(rewards: torch.Tensor) -> torch.Tensor:
+    """p(y_i > y_j | x) = sigma(r_i - r_j) for every pair, shape (..., K, K) (book chapter eq:bradley_terry_dpo)."""
+    return torch.sigmoid(rewards.to(DTYPE).unsqueeze(-1) - rewards.to(DTYPE).unsqueeze(-2))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The world and its preference data
+
+
+@dataclass
+class ExactWorld:
+    """pi_ref and r as (P, K) tables, and the prompt distribution d(x) as (P,)."""
+
+    reference_probs: torch.Tensor
+    rewards: torch.Tensor
+    prompt_probs: torch.Tensor
+
+    @property
+    def n_prompts(self) -> int:
+        return self.reference_probs.shape[0]
+
+    @property
+    def n_responses(self) -> int:
+        return self.reference_probs.shape[1]
+
+    def optimal_policy(self, beta) -> torch.Tensor:
+        return optimal_policy(self.reference_probs, self.rewards, beta)
+
+    def objective(self, policy_probs: torch.Tensor, beta) -> torch.Tensor:
+        return rlhf_objective(policy_probs, self.reference_probs, self.rewards, beta, self.prompt_probs)
+
+
+def make_world(n_prompts: int = 3, n_responses: int = 5, seed: int = 0, reward_scale: float = 1.0,
+               reference_temperature: float = 1.0) -> ExactWorld:
+    """A random exact world: pi_ref = softmax(N(0,1) / temperature), r ~ reward_scale * N(0,1), d(x) uniform.
+
+    Rewards are continuous, so ties (which would make "the best response" ambiguous) have probability 0.
+    """
+    if n_prompts < 1 or n_responses < 2:
+        raise ValueError(f"need n_prompts >= 1 and n_responses >= 2, got {n_prompts} and {n_responses}")
+    if not reference_temperature > 0:
+        raise ValueError(f"reference_temperature must be > 0, got {reference_temperature}")
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_prompts, n_responses, generator=gen, dtype=DTYPE) / reference_temperature
+    rewards = reward_scale * torch.randn(n_prompts, n_responses, generator=gen, dtype=DTYPE)
+    return ExactWorld(
+        reference_probs=torch.softmax(logits, dim=-1),
+        rewards=rewards,
+        prompt_probs=torch.full((n_prompts,), 1.0 / n_prompts, dtype=DTYPE),
+    )
+
+
+@dataclass
+class PreferencePairs:
+    """n preference pairs as index tensors, each (n,): prompt x, chosen y_w, rejected y_l."""
+
+    prompt: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.prompt.numel()
+
+    def counts(self, n_prompts: int, n_responses: int) -> torch.Tensor:
+        """How often each (x, y_w, y_l) occurs, shape (P, K, K)."""
+        flat = (self.prompt * n_responses + self.chosen) * n_responses + self.rejected
+        counts = torch.bincount(flat, minlength=n_prompts * n_responses * n_responses)
+        return counts.reshape(n_prompts, n_responses, n_responses)
+
+
+def sample_pairs(world: ExactWorld, n_pairs: int, seed: int = 0, deterministic: bool = False) -> PreferencePairs:
+    """Draw preference pairs the way the DPO paper builds its data: x ~ d(x), two different responses from
+    pi_ref(.|x), then a label. Bradley-Terry labels (eq:bradley_terry_dpo): y1 wins with probability
+    sigma(r(x,y1) - r(x,y2)). ``deterministic=True``: the higher reward always wins (the setting where IPO's
+    authors show DPO overfits).
+
+    The two responses are distinct (a pair of identical responses carries no information and no gradient).
+    """
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.multinomial(world.prompt_probs, n_pairs, replacement=True, generator=gen)
+    ref = world.reference_probs[prompt]  # (n, K)
+    first = torch.multinomial(ref, 1, generator=gen).squeeze(-1)
+    ref_without_first = ref.scatter(1, first[:, None], 0.0)  # the second response differs from the first
+    second = torch.multinomial(ref_without_first, 1, generator=gen).squeeze(-1)
+
+    r_first = world.rewards[prompt, first]
+    r_second = world.rewards[prompt, second]
+    if deterministic:
+        first_wins = r_first > r_second
+    else:
+        first_wins = torch.rand(n_pairs, generator=gen, dtype=DTYPE) < torch.sigmoid(r_first - r_second)
+    chosen = torch.where(first_wins, first, second)
+    rejected = torch.where(first_wins, second, first)
+    return PreferencePairs(prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tabular DPO / IPO
+
+
+@dataclass
+class TabularResult:
+    """A trained tabular policy: probs (P, K), the loss after each step, and pi_theta of every step if kept."""
+
+    probs: torch.Tensor
+    losses: list[float]
+    history: list[torch.Tensor] = field(default_factory=list)
+
+
+def train_tabular(world: ExactWorld, pairs: PreferencePairs, beta: float, loss_type: str = "sigmoid",
+                  steps: int = 300, lr: float = 0.5, label_smoothing: float = 0.0, optimizer: str = "lbfgs",
+                  keep_history: bool = False) -> TabularResult:
+    """Fit a tabular policy pi_theta(y|x) = softmax(theta[x])_y to preference pairs, full batch.
+
+    The loss is ``minidpo.preference_loss`` (DPO: loss_type "sigmoid", book chapter eq:dpo_core; IPO: "ipo"),
+    fed the log-probs of the tabular policy: with one "token" per response, log pi_theta(y|x) is simply
+    log_softmax(theta[x])[y]. theta starts at log pi_ref, so training starts at pi_theta = pi_ref.
+
+    Identical pairs are grouped: the loss is evaluated once per distinct (x, y_w, y_l) and weighted by how
+    often it occurs, which equals the mean over the list of pairs but costs O(P K^2) per step, not O(n).
+    Both losses are convex in theta (log pi(y_w|x) - log pi(y_l|x) = theta[x, y_w] - theta[x, y_l] is linear),
+    so full-batch L-BFGS reaches the minimiser of the empirical loss in a few hundred steps;
+    ``optimizer="adam"`` gives the plain first-order trajectory instead (``lr`` is then Adam's step size).
+    """
+    if optimizer not in ("lbfgs", "adam"):
+        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    counts = pairs.counts(world.n_prompts, world.n_responses).to(DTYPE)
+    x, yw, yl = counts.nonzero(as_tuple=True)  # the distinct pairs
+    weights = counts[x, yw, yl] / counts.sum()
+    log_ref = torch.log(world.reference_probs.to(DTYPE))
+
+    theta = log_ref.clone().requires_grad_(True)
+
+    def loss_fn() -> torch.Tensor:
+        log_pi = torch.log_softmax(theta, dim=-1)
+        losses, _, _ = preference_loss(log_pi[x, yw], log_pi[x, yl], log_ref[x, yw], log_ref[x, yl],
+                                       beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        return (weights * losses).sum()
+
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    else:
+        opt = torch.optim.Adam([theta], lr=lr)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    losses, history = [], []
+    for _ in range(steps):
+        loss = opt.step(closure)
+        losses.append(float(loss.detach()))
+        if keep_history:
+            history.append(torch.softmax(theta.detach(), -1).clone())
+    probs = torch.softmax(theta.detach(), dim=-1)
+    return TabularResult(probs=probs, losses=losses, history=history)
+
+
+def kl_to_optimum(world: ExactWorld, policy_probs: torch.Tensor, beta: float) -> float:
+    """E_x KL(pi*(.|x) || pi_theta(.|x)) under d(x): how far a trained policy is from the exact optimum."""
+    per_prompt = kl_divergence(world.optimal_policy(beta), policy_probs)
+    return float(_average_over_prompts(per_prompt, world.prompt_probs))
+
+
+def random_policies(n: int, n_prompts: int, n_responses: int, seed: int = 0,
+                    concentration: float = 1.0) -> torch.Tensor:
+    """n random tabular policies (n, P, K), each row drawn from a symmetric Dirichlet(concentration)."""
+    if not concentration > 0:
+        raise ValueError(f"concentration must be > 0, got {concentration}")
+    with torch.random.fork_rng(devices=[]):  # a seeded draw that leaves the caller's global RNG untouched
+        torch.manual_seed(seed)
+        alpha = torch.full((n_prompts, n_responses), concentration, dtype=DTYPE)
+        return torch.distributions.Dirichlet(alpha).sample((n,))
+
+
+__all__ = [
+    "optimal_policy", "log_partition", "kl_divergence", "rlhf_objective", "implicit_reward",
+    "bradley_terry_matrix", "ExactWorld", "make_world", "PreferencePairs", "sample_pairs", "TabularResult",
+    "train_tabular", "kl_to_optimum", "random_policies",
+]
