@@ -1,0 +1,287 @@
+"""Evaluation against the synthetic world's known reward: true reward, sequence KL, implicit-reward accuracy.
+
+These are the three numbers of the DPO paper's controlled-sentiment experiment, measured instead of guessed:
+
+- mean true reward of completions sampled from the policy on held-out prompts (± standard error);
+- the sequence-level KL(π‖π_ref) = E_{y~π(·|x)}[log π(y|x) − log π_ref(y|x)], estimated by Monte Carlo on
+  the same samples (± standard error): the exact sampled tokens, EOS included when the model stopped, are
+  scored by both models with `minidpo.logps.completion_logps`;
+- implicit-reward accuracy on held-out preference pairs: how often β(log π(y_w) − log π_ref(y_w)) exceeds
+  β(log π(y_l) − log π_ref(y_l)).
+
+Everything runs under `torch.no_grad()`, in batches, and is seeded: the same seed gives the same numbers.
+The reward function defaults to `minidpo.world.reward`; pass `reward_fn` for another one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from . import world
+from .logps import IGNORE_INDEX, completion_logps, concatenated_forward
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) = (x̄, s / √n) with the sample standard deviation s (n − 1).
+
+    The standard error is NaN for a single value (it cannot be estimated); an empty list is a ValueError.
+    """
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_and_se: got no values")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def mean_reward(texts: Sequence[str], reward_fn: Callable[[str], float] | None = None) -> tuple[float, float]:
+    """(mean, standard error) of the true reward over `texts` (completions, without their prompts)."""
+    if isinstance(texts, str):
+        raise ValueError("mean_reward: texts must be a list of strings, not one string")
+    reward_fn = reward_fn or world.reward
+    return mean_and_se([reward_fn(t) for t in texts])
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_completions(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                      batch_size: int = 256, pad_token_id: int = 0) -> torch.Tensor:
+    """log π(completion | prompt) summed over the completion's tokens, for token-id lists; (N,) float32 on CPU.
+
+    Rows are right-padded (the pad id is never attended to nor counted) and scored in batches with
+    `minidpo.logps.completion_logps`.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"score_completions: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    device = _device(model)
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
+        width = max(len(p) + len(c) for p, c in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for r, (p, c) in enumerate(rows):
+            n = len(p) + len(c)
+            input_ids[r, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
+            attention[r, :n] = 1
+            labels[r, len(p):n] = torch.tensor(list(c), dtype=torch.long)
+        logps = completion_logps(model, input_ids.to(device), attention.to(device), labels.to(device))
+        out.append(logps.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def sample_and_score(model, tokenizer, prompts: Sequence[str], n_samples: int = 1, max_new_tokens: int = 24,
+                     temperature: float = 1.0, seed: int = 0, batch_size: int = 256,
+                     reward_fn: Callable[[str], float] | None = None) -> dict:
+    """Sample `n_samples` completions per prompt and score them with the true reward.
+
+    Returns {"completions": list[list[str]], "rewards": list[list[float]], "reward": mean, "reward_se": SE}.
+    """
+    reward_fn = reward_fn or world.reward
+    completions = world.sample_completions(model, tokenizer, list(prompts), k=n_samples,
+                                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                           batch_size=batch_size)
+    rewards = [[float(reward_fn(c)) for c in per_prompt] for per_prompt in completions]
+    mean, se = mean_and_se([r for per_prompt in rewards for r in per_prompt])
+    return {"completions": completions, "rewards": rewards, "reward": mean, "reward_se": se}
+
+
+def _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad_token_id):
+    """Per-sample log π(y|x) − log π_ref(y|x) for the flattened samples, and the flat lists."""
+    flat_prompts = [p for p, per in zip(prompt_ids, completion_ids) for _ in per]
+    flat_completions = [c for per in completion_ids for c in per]
+    pol = score_completions(policy, flat_prompts, flat_completions, batch_size, pad_token_id)
+    ref = pol if reference is policy else score_completions(reference, flat_prompts, flat_completions,
+                                                            batch_size, pad_token_id)
+    return (pol - ref).tolist()
+
+
+def sequence_kl(policy, reference, tokenizer, prompts: Sequence[str], n_samples: int = 1,
+                max_new_tokens: int = 24, seed: int = 0, batch_size: int = 256) -> tuple[float, float]:
+    """Monte-Carlo sequence KL(π‖π_ref) = E_x E_{y~π(·|x)}[log π(y|x) − log π_ref(y|x)], with its SE.
+
+    `n_samples` completions per prompt are sampled from the policy at temperature 1 (the estimator needs
+    samples from π itself), and the exact sampled tokens (EOS included when the policy stopped) are scored by
+    both models. Returns (mean, standard error over all samples). Each term can be negative; the mean
+    converges to the KL, which is >= 0. A model against itself gives exactly 0.
+    """
+    prompt_ids, completion_ids = world.generate_completion_ids(
+        policy, tokenizer, list(prompts), k=n_samples, max_new_tokens=max_new_tokens, temperature=1.0,
+        seed=seed, batch_size=batch_size)
+    terms = _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, _pad_id(tokenizer))
+    return mean_and_se(terms)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ implicit reward
+
+def _collate_pairs(rows: Sequence[dict], pad_token_id: int) -> dict:
+    """Right-pad tokenized pairs into the batch layout of `data.PreferenceCollator`."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = [list(r[f"{side}_input_ids"]) for r in rows]
+        labels = [list(r[f"{side}_labels"]) for r in rows]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for r, (x, y) in enumerate(zip(ids, labels)):
+            if len(x) != len(y):
+                raise ValueError(f"pair {r}: {side}_input_ids has {len(x)} tokens but {side}_labels {len(y)}")
+            input_ids[r, :len(x)] = torch.tensor(x, dtype=torch.long)
+            attention[r, :len(x)] = 1
+            lab[r, :len(y)] = torch.tensor(y, dtype=torch.long)
+        batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"] = (
+            input_ids, attention, lab)
+    return batch
+
+
+@torch.no_grad()
+def pair_logps(model, pairs_tokenized: Sequence[dict], batch_size: int = 64, pad_token_id: int = 0) -> dict:
+    """{"chosen_logps", "rejected_logps"}: (N,) float32 CPU tensors of summed completion log-probs.
+
+    `pairs_tokenized` is what `minidpo.data.tokenize_preferences` returns (dicts with chosen_input_ids,
+    chosen_labels, rejected_input_ids, rejected_labels; labels -100 on the prompt), or a Dataset of such rows.
+    Computed with `minidpo.logps.concatenated_forward`, exactly as in training. Precompute this once for the
+    reference and pass it to `implicit_reward_accuracy` to avoid scoring the reference again.
+    """
+    rows = list(pairs_tokenized)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = _collate_pairs(rows[start:start + batch_size], pad_token_id)
+            out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()})
+            chosen.append(out["chosen_logps"].float().cpu())
+            rejected.append(out["rejected_logps"].float().cpu())
+    finally:
+        model.train(was_training)
+    empty = torch.zeros(0)
+    return {"chosen_logps": torch.cat(chosen) if chosen else empty,
+            "rejected_logps": torch.cat(rejected) if rejected else empty}
+
+
+def _as_logps(model_or_logps, pairs_tokenized, batch_size, pad_token_id, what):
+    if isinstance(model_or_logps, torch.nn.Module):
+        return pair_logps(model_or_logps, pairs_tokenized, batch_size, pad_token_id)
+    if isinstance(model_or_logps, dict):
+        c, r = model_or_logps["chosen_logps"], model_or_logps["rejected_logps"]
+    elif isinstance(model_or_logps, (tuple, list)) and len(model_or_logps) == 2:
+        c, r = model_or_logps
+    else:
+        raise ValueError(f"{what} must be a model, a dict with chosen_logps/rejected_logps, or a pair of "
+                         f"tensors; got {type(model_or_logps).__name__}")
+    return {"chosen_logps": torch.as_tensor(c, dtype=torch.float32).cpu(),
+            "rejected_logps": torch.as_tensor(r, dtype=torch.float32).cpu()}
+
+
+def implicit_reward_accuracy(policy, reference_or_reference_logps, pairs_tokenized: Sequence[dict],
+                             beta: float = 0.1, batch_size: int = 64, pad_token_id: int = 0) -> float:
+    """Fraction of pairs where the implicit reward prefers the chosen completion.
+
+    The implicit reward is r̂(x, y) = β (log π(y|x) − log π_ref(y|x)); a pair counts as correct when
+    r̂(x, y_w) > r̂(x, y_l). Ties (equal implicit rewards, e.g. policy == reference) count as 0.5, a coin
+    flip, so the reference itself scores exactly 0.5, the chance level. (TRL's `rewards/accuracies` counts a
+    tie as wrong, which would give the reference 0.) For β > 0 the result does not depend on β; it is taken
+    for the record and checked.
+
+    `policy` is a model or precomputed log-probs; `reference_or_reference_logps` is a model or the output of
+    `pair_logps` (a dict with chosen_logps and rejected_logps) or a (chosen, rejected) tuple of tensors.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    rows = list(pairs_tokenized)
+    if not rows:
+        raise ValueError("implicit_reward_accuracy: got no pairs")
+    pol = _as_logps(policy, rows, batch_size, pad_token_id, "policy")
+    ref = _as_logps(reference_or_reference_logps, rows, batch_size, pad_token_id, "reference")
+    for name, d in (("policy", pol), ("reference", ref)):
+        if d["chosen_logps"].shape != (len(rows),) or d["rejected_logps"].shape != (len(rows),):
+            raise ValueError(f"{name} log-probs have shapes {tuple(d['chosen_logps'].shape)} and "
+                             f"{tuple(d['rejected_logps'].shape)}, expected ({len(rows)},) for {len(rows)} pairs")
+    chosen_rewards = beta * (pol["chosen_logps"] - ref["chosen_logps"])
+    rejected_rewards = beta * (pol["rejected_logps"] - ref["rejected_logps"])
+    wins = (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
+    return float(wins.mean())
+
+
+# ------------------------------------------------------------------------------------ all together
+
+def _tokenize_if_needed(pairs, tokenizer):
+    if "chosen_input_ids" in pairs[0]:
+        return list(pairs)
+    from .data import tokenize_preferences  # strings: tokenize as training does
+
+    tokenized, _ = tokenize_preferences(pairs, tokenizer)
+    return tokenized
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str], heldout_pairs=None,
+                    beta: float = 0.1, n_samples: int = 2, seed: int = 0, max_new_tokens: int = 24,
+                    batch_size: int = 256, n_show: int = 5, reference_pair_logps: dict | None = None,
+                    reward_fn: Callable[[str], float] | None = None) -> dict:
+    """Sample from the policy on held-out prompts and report what the synthetic world can measure.
+
+    One set of samples (`n_samples` per prompt, temperature 1, `seed`) serves both the reward and the KL.
+    Returns a dict of plain Python values (JSON-ready):
+
+    - reward, reward_se: mean true reward of the completions, and its standard error;
+    - kl, kl_se: Monte-Carlo sequence KL(π‖π_ref) on those samples (0.0 when policy is reference);
+    - accuracy: implicit-reward accuracy on `heldout_pairs` (ties 0.5), None without pairs;
+    - length: mean completion length in words; grammatical: fraction of prompt + completion that the
+      world's grammar accepts (2 to 4 sentences);
+    - n: number of samples; samples: the first `n_show` as "prompt → completion" strings.
+
+    `heldout_pairs`: tokenized pairs (see `pair_logps`) or a Dataset / list of string rows (prompt, chosen,
+    rejected), which are then tokenized with `minidpo.data.tokenize_preferences`. `reference_pair_logps`:
+    `pair_logps(reference, ...)` computed once, to reuse across many policies (a β sweep).
+    """
+    reward_fn = reward_fn or world.reward
+    prompts = list(heldout_prompts)
+    if not prompts:
+        raise ValueError("evaluate_policy: got no held-out prompts")
+    prompt_ids, completion_ids = world.generate_completion_ids(
+        policy, tokenizer, prompts, k=n_samples, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+        batch_size=batch_size)
+    texts = [[world.decode_completion(tokenizer, ids) for ids in per] for per in completion_ids]
+    flat = [(p, c) for p, per in zip(prompts, texts) for c in per]
+    reward_mean, reward_se = mean_and_se([reward_fn(c) for _, c in flat])
+    pad = _pad_id(tokenizer)
+    kl, kl_se = mean_and_se(_kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad))
+
+    accuracy = None
+    if heldout_pairs is not None and len(heldout_pairs) > 0:
+        rows = _tokenize_if_needed(heldout_pairs, tokenizer)
+        ref = reference_pair_logps if reference_pair_logps is not None else reference
+        accuracy = implicit_reward_accuracy(policy, ref, rows, beta=beta, batch_size=min(batch_size, 128),
+                                            pad_token_id=pad)
+    return {
+        "reward": reward_mean,
+        "reward_se": reward_se,
+        "kl": kl,
+        "kl_se": kl_se,
+        "accuracy": accuracy,
+        "length": sum(world.n_words(c) for _, c in flat) / len(flat),
+        "grammatical": sum(world.is_grammatical(p + c, 2, 4) for p, c in flat) / len(flat),
+        "n": len(flat),
+        "samples": [f"{p} →{c}" for p, c in flat[:n_show]],
+    }
