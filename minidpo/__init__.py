@@ -15,8 +15,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "optimal_policy": "bandit",
     "load_preferences": "data",
+    "validate_preferences": "data",
     "tokenize_preferences": "data",
+    "TokenizeReport": "data",
     "PreferenceCollator": "data",
+    "PROMPT_COLUMNS": "data",
 }
 
 __all__ = ["preference_loss", "simpo_loss", "orpo_loss", "kto_loss", "sequence_logps", *_LAZY]

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import world
+from .data import PreferenceCollator
 from .logps import IGNORE_INDEX, completion_logps, concatenated_forward
 
 
@@ -131,27 +132,6 @@ def _pad_id(tokenizer) -> int:
 
 # ------------------------------------------------------------------------------------ implicit reward
 
-def _collate_pairs(rows: Sequence[dict], pad_token_id: int) -> dict:
-    """Right-pad tokenized pairs into the batch layout of `data.PreferenceCollator`."""
-    batch = {}
-    for side in ("chosen", "rejected"):
-        ids = [list(r[f"{side}_input_ids"]) for r in rows]
-        labels = [list(r[f"{side}_labels"]) for r in rows]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (x, y) in enumerate(zip(ids, labels)):
-            if len(x) != len(y):
-                raise ValueError(f"pair {r}: {side}_input_ids has {len(x)} tokens but {side}_labels {len(y)}")
-            input_ids[r, :len(x)] = torch.tensor(x, dtype=torch.long)
-            attention[r, :len(x)] = 1
-            lab[r, :len(y)] = torch.tensor(y, dtype=torch.long)
-        batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"] = (
-            input_ids, attention, lab)
-    return batch
-
-
 @torch.no_grad()
 def pair_logps(model, pairs_tokenized: Sequence[dict], batch_size: int = 64, pad_token_id: int = 0) -> dict:
     """{"chosen_logps", "rejected_logps"}: (N,) float32 CPU tensors of summed completion log-probs.
@@ -168,7 +148,7 @@ def pair_logps(model, pairs_tokenized: Sequence[dict], batch_size: int = 64, pad
     chosen, rejected = [], []
     try:
         for start in range(0, len(rows), batch_size):
-            batch = _collate_pairs(rows[start:start + batch_size], pad_token_id)
+            batch = PreferenceCollator(pad_token_id)(rows[start:start + batch_size])
             out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()})
             chosen.append(out["chosen_logps"].float().cpu())
             rejected.append(out["rejected_logps"].float().cpu())
@@ -264,7 +244,8 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
         batch_size=batch_size)
     texts = [[world.decode_completion(tokenizer, ids) for ids in per] for per in completion_ids]
     flat = [(p, c) for p, per in zip(prompts, texts) for c in per]
-    reward_mean, reward_se = mean_and_se([reward_fn(c) for _, c in flat])
+    rewards = [reward_fn(c) for _, c in flat]
+    reward_mean, reward_se = mean_and_se(rewards)
     pad = _pad_id(tokenizer)
     kl, kl_se = mean_and_se(_kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad))
 
@@ -283,5 +264,6 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
         "length": sum(world.n_words(c) for _, c in flat) / len(flat),
         "grammatical": sum(world.is_grammatical(p + c, 2, 4) for p, c in flat) / len(flat),
         "n": len(flat),
+        "rewards": rewards,  # per sample, for histograms
         "samples": [f"{p} →{c}" for p, c in flat[:n_show]],
     }
