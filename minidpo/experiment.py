@@ -137,12 +137,15 @@ def _load_world(d: Path, world_cfg: w.WorldConfig, device: str) -> World:
 
 
 def run_dpo(world: World, cfg: DPOConfig | None = None, pairs: datasets.Dataset | None = None,
-            output_dir: str | Path | None = None, log=print) -> TrainResult:
-    """Train a copy of pi_ref on the world's pairs (or on ``pairs``); pi_ref itself is left untouched."""
+            output_dir: str | Path | None = None, log=print, callback=None, callback_every: int = 0) -> TrainResult:
+    """Train a copy of pi_ref on the world's pairs (or on ``pairs``); pi_ref itself is left untouched.
+
+    ``callback(step, policy) -> dict`` every ``callback_every`` steps: see ``train.train_dpo``.
+    """
     cfg = cfg or DPOConfig()
     policy = copy.deepcopy(world.reference)
     return train_dpo(policy, world.tokenizer, pairs if pairs is not None else world.train_pairs, cfg,
-                     output_dir=output_dir, log=log)
+                     output_dir=output_dir, log=log, callback=callback, callback_every=callback_every)
 
 
 def evaluate(world: World, policy: torch.nn.Module, beta: float, n_samples: int = 2, seed: int = 0) -> dict:

@@ -98,6 +98,7 @@ class DPOConfig:
 class TrainResult:
     model: torch.nn.Module
     history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per step
+    evaluations: list[dict] = field(default_factory=list)  # what ``callback`` returned, with its step
     seconds: float = 0.0
     output_dir: str | None = None
 
@@ -256,12 +257,16 @@ def train_dpo(
     output_dir: str | os.PathLike | None = None,
     resume: bool = False,
     log=print,
+    callback=None,
+    callback_every: int = 0,
 ) -> TrainResult:
     """Train ``model`` on preference ``pairs`` (a datasets.Dataset with prompt/chosen/rejected).
 
     pi_ref is ``ref_model`` if given, else ``model`` as it is now (the usual case: the SFT model).
     With ``output_dir`` it writes metrics.jsonl, checkpoints and the final model (save_pretrained);
     ``resume=True`` continues from ``output_dir/checkpoint`` and ends where an uninterrupted run ends.
+    ``callback(step, model) -> dict`` runs at step 0 and every ``callback_every`` steps (and at the end), in
+    eval mode under no_grad: how the notebooks trace a run's path on the reward-KL plane.
     """
     cfg.validate()
     device = pick_device(cfg.device)
@@ -321,6 +326,16 @@ def train_dpo(
             torch.save(ref_all, out / "ref_logps.pt")  # so a resume never recomputes from moved weights
         metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
     history: list[dict[str, float]] = []
+    evaluations: list[dict] = []
+
+    def run_callback(at_step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            evaluations.append({"step": at_step, **(callback(at_step, model) or {})})
+        model.train()
+
+    if callback is not None and start_step == 0:
+        run_callback(0)
     model.train()
     t0 = time.perf_counter()
     step = start_step
@@ -369,6 +384,8 @@ def train_dpo(
                 metrics_file.flush()
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     _save_checkpoint(out, model, tokenizer, optimizer, scheduler, scaler, step, cfg)
+            if callback is not None and callback_every and step % callback_every == 0:
+                run_callback(step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
     except KeyboardInterrupt:
@@ -382,12 +399,16 @@ def train_dpo(
             metrics_file.close()
 
     seconds = time.perf_counter() - t0
+    if callback is not None and (not evaluations or evaluations[-1]["step"] != step):
+        run_callback(step)
     if out is not None:
         _save_checkpoint(out, model, tokenizer, optimizer, scheduler, scaler, step, cfg)
         model.save_pretrained(out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    return TrainResult(model=model, history=history, seconds=seconds, output_dir=str(out) if out else None)
+    model.eval()
+    return TrainResult(model=model, history=history, evaluations=evaluations, seconds=seconds,
+                       output_dir=str(out) if out else None)
 
 
 def _stop_diverged(what: str, out, model, tokenizer, optimizer, scheduler, scaler, step, cfg) -> None:
