@@ -72,7 +72,7 @@ class Step:
 
     def __str__(self) -> str:
         mark = "holds" if self.holds else "FAILS"
-        return f"{self.label:<24} {mark:<6} [{self.method}] {self.note}"
+        return f"{self.label:<27} {mark:<6} [{self.method}] {self.note}"
 
 
 def is_zero(expression: sp.Expr) -> bool:
@@ -237,18 +237,21 @@ def dpo_deriv_5_bracket(s: PointSymbols) -> sp.Expr:
 # The checks of derivation 1. -----------------------------------------------------------------------------------
 
 
+@functools.cache  # a check is a pure function: the notebooks' summary tables reuse the result
 def check_dpo_deriv_1() -> Step:
     w = finite_world()
     return Step("eq:dpo_deriv_1", is_zero(dpo_deriv_1(w) - rlhf_objective(w)), "sympy",
                 "exact: the KL written out as E_y~pi[log pi/pi_ref] (the KL term read as averaged over x ~ D)")
 
 
+@functools.cache
 def check_dpo_deriv_2() -> Step:
     w = finite_world()
     return Step("eq:dpo_deriv_2", is_zero(dpo_deriv_2(w) - dpo_deriv_1(w)), "sympy",
                 "exact: linearity of the expectation")
 
 
+@functools.cache
 def check_dpo_deriv_3() -> Step:
     w = finite_world()
     holds = is_zero(dpo_deriv_3(w) + dpo_deriv_2(w))
@@ -257,6 +260,7 @@ def check_dpo_deriv_3() -> Step:
                 "not the chapter's '='")
 
 
+@functools.cache
 def check_dpo_deriv_4() -> Step:
     w = finite_world()
     holds = is_zero(dpo_deriv_4(w) - dpo_deriv_3(w) / w.beta) and w.beta.is_positive
@@ -264,6 +268,7 @@ def check_dpo_deriv_4() -> Step:
                 "exact: (4) = (3) / beta; same argmin only because beta > 0 (value scaled by 1/beta)")
 
 
+@functools.cache
 def check_dpo_partition() -> Step:
     """Z(x) normalises: sum_y pi*(y|x) = 1 for every prompt."""
     w = finite_world()
@@ -272,6 +277,7 @@ def check_dpo_partition() -> Step:
                 "exact: with this Z(x), pi_ref exp(r/beta) / Z sums to 1 over y (needs Z finite: automatic here)")
 
 
+@functools.cache
 def check_dpo_deriv_5() -> Step:
     w = finite_world()
     any_Z = tuple(sp.Symbol(f"Z_{x}", positive=True) for x in w.prompts)
@@ -280,6 +286,7 @@ def check_dpo_deriv_5() -> Step:
                 "exact: equals (4) for the partition Z(x) and for ANY positive Z(x)")
 
 
+@functools.cache
 def check_dpo_deriv_6() -> Step:
     w, s = finite_world(), point_symbols()
     # (6) is the bracket of (4): substitute the point symbols into (4)'s summand
@@ -288,29 +295,34 @@ def check_dpo_deriv_6() -> Step:
     return Step("eq:dpo_deriv_6", is_zero(dpo_deriv_6(s) - at_point), "sympy", "exact: the bracket of (4)")
 
 
+@functools.cache
 def check_dpo_deriv_7() -> Step:
     s = point_symbols()
     return Step("eq:dpo_deriv_7", is_zero(dpo_deriv_7(s) - dpo_deriv_6(s)), "sympy",
                 "exact: adds log Z - log Z = 0")
 
 
+@functools.cache
 def check_dpo_deriv_8() -> Step:
     s = point_symbols()
     return Step("eq:dpo_deriv_8", is_zero(dpo_deriv_8(s) - dpo_deriv_7(s)), "sympy", "exact: regrouping")
 
 
+@functools.cache
 def check_dpo_deriv_9() -> Step:
     s = point_symbols()
     return Step("eq:dpo_deriv_9", is_zero(dpo_deriv_9(s) - dpo_deriv_8(s)), "sympy",
                 "exact: log a + log Z = log(a Z) = log(a / (1/Z)), for positive a and Z")
 
 
+@functools.cache
 def check_dpo_deriv_9_to_5() -> Step:
     s = point_symbols()
     return Step("eq:dpo_deriv_9 -> 5", is_zero(dpo_deriv_5_bracket(s) - dpo_deriv_9(s)), "sympy",
                 "exact: r/beta = log exp(r/beta) folded into the same log gives the bracket of (5), any Z > 0")
 
 
+@functools.cache
 def check_dpo_deriv_10() -> Step:
     w = finite_world()
     difference = dpo_deriv_10(w) - dpo_deriv_5(w)
@@ -342,6 +354,7 @@ def lagrangian_optimum(n_responses: int = N_RESPONSES) -> tuple:
     return solved, (pi, ref, r, beta)
 
 
+@functools.cache
 def check_optimal_policy_lagrangian() -> Step:
     solved, (pi, ref, r, beta) = lagrangian_optimum()
     Z = sp.Add(*[ref[y] * sp.exp(r[y] / beta) for y in range(len(ref))])
@@ -351,6 +364,7 @@ def check_optimal_policy_lagrangian() -> Step:
                 "pi_ref exp(r/beta) / Z")
 
 
+@functools.cache
 def check_optimal_policy_convexity() -> Step:
     """The objective (4) is strictly convex in pi, so its stationary point on the simplex is the global min."""
     w = finite_world()
@@ -363,6 +377,7 @@ def check_optimal_policy_convexity() -> Step:
                 "unique global minimum (prompts with d(x) > 0)")
 
 
+@functools.cache
 def check_optimal_value() -> Step:
     """At pi = pi*, the KL term of (10) vanishes: (10) = -E log Z, and the objective is beta E_x log Z(x)."""
     w = finite_world()
@@ -375,6 +390,7 @@ def check_optimal_value() -> Step:
                 "exact: KL(pi* || pi*) = 0, and the optimal objective is beta E_x log Z(x)")
 
 
+@functools.cache
 def check_gibbs_inequality(n_policies: int = 2000, seed: int = 0) -> Step:
     """Gibbs' inequality, numerically: no random policy gets a lower (10) than pi*, and the gap is the KL.
 
@@ -414,6 +430,7 @@ def _random_distribution(rng: random.Random, k: int) -> list:
     return [v / total for v in draws]
 
 
+@functools.cache
 def check_drop_log_Z() -> Step:
     """The step from (10) to pi*: -log Z(x) does not depend on pi, so dropping it keeps the argmin."""
     w = finite_world()
@@ -450,7 +467,7 @@ class PairSymbols:
 
 @functools.lru_cache(maxsize=None)
 def pair_symbols() -> PairSymbols:
-    star = sp.symbols("pi*_1 pi*_2", positive=True)
+    star = sp.symbols("pi^*_1 pi^*_2", positive=True)
     ref = sp.symbols("pi_ref_1 pi_ref_2", positive=True)
     Z, beta = sp.symbols("Z beta", positive=True)
     return PairSymbols(star=star, ref=ref, r=sp.symbols("r_1 r_2", real=True), Z=Z, beta=beta)
@@ -501,6 +518,7 @@ def dpo_loss_deriv3(s: PairSymbols) -> sp.Expr:
     return sigmoid(a1 - a2)
 
 
+@functools.cache
 def check_dpo_reward_full() -> Step:
     s = point_symbols()
     star = s.ref * sp.exp(s.r / s.beta) / s.Z  # eq:dpo_opt_policy at one (x, y)
@@ -509,6 +527,7 @@ def check_dpo_reward_full() -> Step:
                 "exact: with pi* from eq:dpo_opt_policy it returns r; needs pi_ref(y|x) > 0 (log of both sides)")
 
 
+@functools.cache
 def check_dpo_loss_deriv0() -> Step:
     s = pair_symbols()
     substituted = bradley_terry(dpo_reward_full(s.star[0], s.ref[0], s.Z, s.beta),
@@ -517,6 +536,7 @@ def check_dpo_loss_deriv0() -> Step:
                 "exact: eq:dpo_reward_full substituted into eq:bradley_terry_dpo")
 
 
+@functools.cache
 def check_dpo_loss_deriv1() -> Step:
     s = pair_symbols()
     return Step("eq:dpo_loss_deriv1", is_zero(dpo_loss_deriv1(s) - dpo_loss_deriv0(s)), "sympy",
@@ -524,18 +544,21 @@ def check_dpo_loss_deriv1() -> Step:
                 "both responses to share the prompt x")
 
 
+@functools.cache
 def check_dpo_loss_deriv2() -> Step:
     s = pair_symbols()
     return Step("eq:dpo_loss_deriv2", is_zero(dpo_loss_deriv2(s) - dpo_loss_deriv1(s)), "sympy",
                 "exact: numerator and denominator times exp(-a1)")
 
 
+@functools.cache
 def check_dpo_loss_deriv3() -> Step:
     s = pair_symbols()
     return Step("eq:dpo_loss_deriv3", is_zero(dpo_loss_deriv3(s) - dpo_loss_deriv2(s)), "sympy",
                 "exact: sigma(u) = 1 / (1 + exp(-u))")
 
 
+@functools.cache
 def check_bradley_terry_is_sigmoid() -> Step:
     s = pair_symbols()
     holds = is_zero(bradley_terry(*s.r) - sigmoid(s.r[0] - s.r[1]))
@@ -543,6 +566,7 @@ def check_bradley_terry_is_sigmoid() -> Step:
                 "exact: exp(r1) / (exp(r1) + exp(r2)) = sigma(r1 - r2); only reward DIFFERENCES matter")
 
 
+@functools.cache
 def check_dpo_core_is_max_likelihood() -> Step:
     """eq:dpo_core from eq:dpo_loss_deriv3: the negative log-likelihood of the labels, pi* -> pi_theta.
 
@@ -562,6 +586,7 @@ def check_dpo_core_is_max_likelihood() -> Step:
                 "expected pair loss is minimised where sigma(beta h) = p* (0 < p* < 1; no minimiser if p* is 0 or 1)")
 
 
+@functools.cache
 def check_implicit_reward_same_preferences() -> Step:
     """eq:dpo_reward drops beta log Z(x): the Bradley-Terry probabilities do not change."""
     s = pair_symbols()
@@ -572,6 +597,7 @@ def check_implicit_reward_same_preferences() -> Step:
                 "that leaves every preference probability unchanged")
 
 
+@functools.cache
 def check_reward_shift_invariance() -> Step:
     """Rewards r(x, y) + f(x) give the same pi* (Z absorbs exp(f(x)/beta)): rewards are defined up to f(x)."""
     w = finite_world(1, N_RESPONSES)
@@ -647,6 +673,7 @@ def dpo_grad_3(g: GradientSymbols) -> sp.Expr:
     return -g.beta * sigmoid(r_hat_r - r_hat_c) * (sp.diff(g.logp_chosen, g.theta) - sp.diff(g.logp_rejected, g.theta))
 
 
+@functools.cache
 def check_dpo_grad_0() -> Step:
     """The gradient of an average over a fixed dataset is the average of the gradients (2 triples here)."""
     g = gradient_symbols()
@@ -659,6 +686,7 @@ def check_dpo_grad_0() -> Step:
                 "does not depend on theta (offline pairs)")
 
 
+@functools.cache
 def check_sigmoid_identities() -> Step:
     t = sp.Symbol("t", real=True)
     holds = (is_zero(sp.diff(sigmoid(t), t) - sigmoid(t) * (1 - sigmoid(t)))
@@ -666,12 +694,14 @@ def check_sigmoid_identities() -> Step:
     return Step("sigma' and sigma(-x)", holds, "sympy", "exact: sigma' = sigma (1 - sigma), sigma(-x) = 1 - sigma(x)")
 
 
+@functools.cache
 def check_dpo_grad_2() -> Step:
     g = gradient_symbols()
     return Step("eq:dpo_grad_2", is_zero(dpo_grad_2(g) - dpo_grad_0(g)), "sympy",
                 "exact: chain rule, d/du (-log sigma(u)) = -sigma'(u)/sigma(u)")
 
 
+@functools.cache
 def check_dpo_grad_3() -> Step:
     g = gradient_symbols()
     return Step("eq:dpo_grad_3", is_zero(dpo_grad_3(g) - dpo_grad_2(g)), "sympy",
@@ -679,6 +709,7 @@ def check_dpo_grad_3() -> Step:
                 "pi_ref (no eq:dpo_grad_1 in the chapter)")
 
 
+@functools.cache
 def check_grad_needs_frozen_reference() -> Step:
     """If the reference log-probs moved with theta, eq:dpo_grad_3 would miss terms: the condition is real."""
     g = gradient_symbols()
@@ -708,6 +739,7 @@ def dpo_weight(lc, lr, rc, rr, beta) -> sp.Expr:
     return beta * sigmoid(beta * (lr - rr) - beta * (lc - rc))
 
 
+@functools.cache
 def check_loss_partials() -> Step:
     partials, symbols = loss_partials()
     weight = dpo_weight(*symbols)
