@@ -153,9 +153,12 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 def _load_model_and_tokenizer(name_or_path: str, device: str):
+    from transformers.utils import logging as hf_logging
+
     from .models import load_causal_lm, pick_device
     from .tokenizer import load_tokenizer
 
+    hf_logging.disable_progress_bar()  # stderr is for errors: one line, nothing before it
     model = load_causal_lm(name_or_path, device=pick_device(device))
     tokenizer = load_tokenizer(name_or_path)
     if tokenizer.pad_token_id is None:  # GPT-2 has no pad token: padding is masked anyway, EOS serves

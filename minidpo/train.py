@@ -412,11 +412,18 @@ def train_dpo(
 
 
 def _stop_diverged(what: str, out, model, tokenizer, optimizer, scheduler, scaler, step, cfg) -> None:
-    # The weights are still those of the last good step (nothing was applied yet): keep them.
+    # Nothing of this step was applied, so finite weights are the last good state: keep them. Weights that
+    # already hold NaN/inf are not saved; the checkpoint from the last save_every stays as it was.
     where = "no output_dir, nothing saved"
     if out is not None:
-        _save_checkpoint(out, model, tokenizer, optimizer, scheduler, scaler, step, cfg)
-        where = f"the last good state (step {step}) is in {out / CHECKPOINT}"
+        if all(torch.isfinite(p).all() for p in model.parameters()):
+            _save_checkpoint(out, model, tokenizer, optimizer, scheduler, scaler, step, cfg)
+            where = f"the last good state (step {step}) is in {out / CHECKPOINT}"
+        elif (out / CHECKPOINT / "trainer_state.pt").exists():
+            saved = torch.load(out / CHECKPOINT / "trainer_state.pt", weights_only=False)["step"]
+            where = f"the weights are not finite; the last good checkpoint (step {saved}) is in {out / CHECKPOINT}"
+        else:
+            where = "the weights are not finite and no earlier checkpoint exists (use save_every)"
     raise TrainingDiverged(f"training diverged: {what}; {where}. Try a lower --lr or --beta.")
 
 
