@@ -636,10 +636,10 @@ def gradient_symbols() -> GradientSymbols:
     theta = sp.Symbol("theta", real=True)
     return GradientSymbols(
         theta=theta,
-        logp_chosen=sp.Function("logpi_c")(theta),
-        logp_rejected=sp.Function("logpi_r")(theta),
-        ref_chosen=sp.Symbol("logpi_ref_c", real=True),
-        ref_rejected=sp.Symbol("logpi_ref_r", real=True),
+        logp_chosen=sp.Function("ell_c")(theta),  # ell_c = log pi_theta(y_c|x), rendered as \ell_c
+        logp_rejected=sp.Function("ell_r")(theta),
+        ref_chosen=sp.Symbol("ell^ref_c", real=True),  # log pi_ref(y_c|x): a constant
+        ref_rejected=sp.Symbol("ell^ref_r", real=True),
         beta=sp.Symbol("beta", positive=True),
     )
 
@@ -677,8 +677,8 @@ def dpo_grad_3(g: GradientSymbols) -> sp.Expr:
 def check_dpo_grad_0() -> Step:
     """The gradient of an average over a fixed dataset is the average of the gradients (2 triples here)."""
     g = gradient_symbols()
-    other = GradientSymbols(g.theta, sp.Function("logpi_c2")(g.theta), sp.Function("logpi_r2")(g.theta),
-                            sp.Symbol("logpi_ref_c2", real=True), sp.Symbol("logpi_ref_r2", real=True), g.beta)
+    other = GradientSymbols(g.theta, sp.Function("ell_c2")(g.theta), sp.Function("ell_r2")(g.theta),
+                            sp.Symbol("ell^ref_c2", real=True), sp.Symbol("ell^ref_r2", real=True), g.beta)
     mean_loss = (dpo_loss(g) + dpo_loss(other)) / 2
     holds = is_zero(sp.diff(mean_loss, g.theta) - (dpo_grad_0(g) + dpo_grad_0(other)) / 2)
     return Step("eq:dpo_grad_0", holds, "sympy",
@@ -709,12 +709,17 @@ def check_dpo_grad_3() -> Step:
                 "pi_ref (no eq:dpo_grad_1 in the chapter)")
 
 
+def moving_reference_symbols() -> GradientSymbols:
+    """As ``gradient_symbols``, but with reference log-probs that depend on theta (a reference that is trained)."""
+    g = gradient_symbols()
+    return GradientSymbols(g.theta, g.logp_chosen, g.logp_rejected, sp.Function("ell^ref_c")(g.theta),
+                           sp.Function("ell^ref_r")(g.theta), g.beta)
+
+
 @functools.cache
 def check_grad_needs_frozen_reference() -> Step:
     """If the reference log-probs moved with theta, eq:dpo_grad_3 would miss terms: the condition is real."""
-    g = gradient_symbols()
-    moving = GradientSymbols(g.theta, g.logp_chosen, g.logp_rejected, sp.Function("logpi_ref_c")(g.theta),
-                             sp.Function("logpi_ref_r")(g.theta), g.beta)
+    moving = moving_reference_symbols()
     differs = not is_zero(dpo_grad_0(moving) - dpo_grad_3(moving))
     return Step("eq:dpo_grad_3 (condition)", differs, "sympy",
                 "with pi_ref depending on theta the formula is wrong (extra beta sigma(-u) dlog pi_ref terms): "
@@ -725,9 +730,9 @@ def loss_partials() -> tuple:
     """d(-log sigma(u)) / d(each of the four log-probs), the log-probs as plain symbols.
 
     Returns ({"policy_chosen": ..., "policy_rejected": ..., "reference_chosen": ..., "reference_rejected": ...},
-    (logpi_c, logpi_r, logpi_ref_c, logpi_ref_r, beta)).
+    (ell_c, ell_r, ell^ref_c, ell^ref_r, beta)), where ell_c = log pi_theta(y_c|x), ell^ref_c = log pi_ref(y_c|x).
     """
-    lc, lr, rc, rr = sp.symbols("logpi_c logpi_r logpi_ref_c logpi_ref_r", real=True)
+    lc, lr, rc, rr = sp.symbols("ell_c ell_r ell^ref_c ell^ref_r", real=True)
     beta = sp.Symbol("beta", positive=True)
     loss = -sp.log(sigmoid(beta * (lc - rc) - beta * (lr - rr)))
     names = {"policy_chosen": lc, "policy_rejected": lr, "reference_chosen": rc, "reference_rejected": rr}
@@ -746,7 +751,7 @@ def check_loss_partials() -> Step:
     holds = (is_zero(partials["policy_chosen"] + weight) and is_zero(partials["policy_rejected"] - weight)
              and is_zero(partials["reference_chosen"] - weight) and is_zero(partials["reference_rejected"] + weight))
     return Step("eq:dpo_gradient", holds, "sympy",
-                "exact: dL/dlogpi_c = -w, dL/dlogpi_r = +w (reference: the opposite), w = beta sigma(r_hat_r - "
+                "exact: dL/dell_c = -w, dL/dell_r = +w (reference: the opposite), w = beta sigma(r_hat_r - "
                 "r_hat_c)")
 
 
