@@ -46,6 +46,8 @@ What the checks found (conditions the chapter does not state, and its slips):
   * eq:dpo_grad_0 -> 2 moves the gradient inside the expectation: the data distribution must not depend
     on theta (offline data). eq:dpo_grad_3 needs the reference log-probs to be constants (frozen pi_ref);
     sympy shows the extra terms that appear otherwise.
+  * The per-pair weight of eq:dpo_gradient is beta sigma(r_hat_r - r_hat_c), in (0, beta); the chapter's
+    bullet calls it "a weight from 0 to 1" (true of sigma alone).
 """
 
 from __future__ import annotations
