@@ -343,3 +343,57 @@ __all__ = [
     "bradley_terry_matrix", "ExactWorld", "make_world", "PreferencePairs", "sample_pairs", "TabularResult",
     "train_tabular", "kl_to_optimum", "random_policies",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where DPO and IPO stop on a finite set of pairs (notebook 06)
+
+
+def ipo_optimum(world: ExactWorld, pairs: PreferencePairs, beta: float) -> torch.Tensor:
+    """The tabular policy that minimises the empirical IPO loss on ``pairs``, in closed form. Shape (P, K).
+
+    With u(x, y) = log pi(y|x) - log pi_ref(y|x), IPO (Azar et al. 2023, Eq. 17) minimises
+        sum over pairs  (u(x, y_w) - u(x, y_l) - tau)^2,     tau = 1 / (2 beta),
+    a linear least-squares problem. Setting the gradient to zero gives, for each prompt, L u = b with L the
+    Laplacian of the comparison graph (edge weight = how often two responses were compared) and
+    b_y = tau (wins of y - losses of y). The solution is unique up to a constant on each connected set of
+    compared responses; the one returned (pinv, minimum norm: u averages 0 over each connected set, and
+    never-compared responses keep u = 0) is where gradient descent from pi_ref ends, since every step keeps those
+    averages at 0; Adam (``train_tabular(..., loss_type="ipo", optimizer="adam")``) lands there too (tested). The
+    target is finite even when labels are deterministic, and it moves with beta: that is IPO's point.
+    """
+    _check_beta(beta)
+    counts = pairs.counts(world.n_prompts, world.n_responses).to(DTYPE)  # (P, K, K): [x, winner, loser]
+    weights = counts / counts.sum()
+    tau = 1.0 / (2.0 * float(beta))
+    sym = weights + weights.transpose(-1, -2)  # how often y and y' met, either way round
+    laplacian = torch.diag_embed(sym.sum(-1)) - sym  # (P, K, K)
+    b = tau * (weights.sum(-1) - weights.sum(-2))  # (P, K): tau (wins - losses)
+    u = (torch.linalg.pinv(laplacian, hermitian=True) @ b.unsqueeze(-1)).squeeze(-1)  # (P, K)
+    return torch.softmax(torch.log(world.reference_probs.to(DTYPE)) + u, dim=-1)
+
+
+def dpo_optimum_exists(world: ExactWorld, pairs: PreferencePairs) -> torch.Tensor:
+    """Whether the empirical DPO loss on ``pairs`` has a finite minimiser, per prompt: bool (P,).
+
+    DPO's loss is the Bradley-Terry negative log-likelihood in u = log pi / pi_ref, so its minimiser exists exactly
+    when the Bradley-Terry maximum-likelihood estimate does (Zermelo 1929; Ford 1957): among the responses that
+    were compared, every one must have beaten, directly or through a chain of wins, every other one. If some
+    response never loses to the others of its group (deterministic labels on a total order, for a start), the loss
+    keeps falling as its margin grows, and training drives the responses below it towards probability 0 for
+    every beta. A prompt with no pairs counts as True (nothing pulls it anywhere).
+    """
+    counts = pairs.counts(world.n_prompts, world.n_responses)  # (P, K, K): [x, winner, loser]
+    beats = counts > 0
+    compared = (beats | beats.transpose(-1, -2)).any(-1)  # (P, K): took part in some pair
+    eye = torch.eye(world.n_responses, dtype=torch.bool).expand_as(beats)
+    reach = (beats | eye).to(torch.float64)
+    for _ in range(max(1, (world.n_responses - 1).bit_length())):  # transitive closure by squaring
+        reach = ((reach @ reach) > 0).to(torch.float64)
+    reach = reach > 0
+    both_ways = reach & reach.transpose(-1, -2)
+    need = compared.unsqueeze(-1) & compared.unsqueeze(-2)  # both took part
+    return (both_ways | ~need).all(-1).all(-1)
+
+
+__all__ += ["ipo_optimum", "dpo_optimum_exists"]

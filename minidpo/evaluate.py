@@ -267,3 +267,68 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
         "rewards": rewards,  # per sample, for histograms
         "samples": [f"{p} →{c}" for p, c in flat[:n_show]],
     }
+
+
+# ------------------------------------------------------------------------------------ comparing objectives
+
+def logprob_shift(policy, reference_or_reference_logps, pairs_tokenized: Sequence[dict], batch_size: int = 64,
+                  pad_token_id: int = 0) -> dict:
+    """How far training moved log π(y|x) from π_ref on the chosen and on the rejected completions of `pairs`.
+
+    Returns {"chosen", "chosen_se", "rejected", "rejected_se", "margin", "margin_se", "n"}: the mean (and its
+    standard error) over pairs of log π(y_w|x) − log π_ref(y_w|x), of the same for y_l, and of their
+    difference (the quantity every paired objective pushes up). Nats, summed over the completion's tokens.
+    Unlike TRL's rewards/chosen it needs no β, so objectives without a reference (SimPO, ORPO) can be put on
+    the same axis as DPO. Both numbers below 0 is preference displacement: the chosen answers lost probability
+    too. `reference_or_reference_logps`: a model or `pair_logps(reference, ...)` computed once.
+    """
+    rows = list(pairs_tokenized)
+    if not rows:
+        raise ValueError("logprob_shift: got no pairs")
+    pol = _as_logps(policy, rows, batch_size, pad_token_id, "policy")
+    ref = _as_logps(reference_or_reference_logps, rows, batch_size, pad_token_id, "reference")
+    for name, d in (("policy", pol), ("reference", ref)):
+        if d["chosen_logps"].shape != (len(rows),) or d["rejected_logps"].shape != (len(rows),):
+            raise ValueError(f"{name} log-probs have shapes {tuple(d['chosen_logps'].shape)} and "
+                             f"{tuple(d['rejected_logps'].shape)}, expected ({len(rows)},) for {len(rows)} pairs")
+    chosen = (pol["chosen_logps"] - ref["chosen_logps"]).tolist()
+    rejected = (pol["rejected_logps"] - ref["rejected_logps"]).tolist()
+    out = {"n": len(rows)}
+    for key, values in (("chosen", chosen), ("rejected", rejected),
+                        ("margin", [c - r for c, r in zip(chosen, rejected)])):
+        out[key], out[f"{key}_se"] = mean_and_se(values)
+    return out
+
+
+def length_preference(pairs, length_fn: Callable[[str], int] | None = None) -> dict:
+    """How much a set of labelled pairs rewards length, and how often the label goes against the true reward.
+
+    `pairs` has columns chosen and rejected (strings) and, optionally, chosen_reward and rejected_reward.
+    Returns {"n", "n_unequal", "chosen_longer", "chosen_words", "rejected_words", "lower_reward_chosen"}:
+    chosen_longer is the fraction of pairs of unequal length whose chosen completion is the longer one (0.5 for a
+    labeller blind to length, when length and reward are unrelated); chosen_words and rejected_words are mean
+    lengths; lower_reward_chosen is the fraction of all pairs whose chosen completion has the strictly lower
+    true reward (None without reward columns). Length is `minidpo.world.n_words` unless `length_fn` is given.
+    """
+    length_fn = length_fn or world.n_words
+    chosen, rejected = list(pairs["chosen"]), list(pairs["rejected"])
+    if len(chosen) != len(rejected):
+        raise ValueError(f"length_preference: {len(chosen)} chosen but {len(rejected)} rejected")
+    if not chosen:
+        raise ValueError("length_preference: got no pairs")
+    lc = [length_fn(t) for t in chosen]
+    lr = [length_fn(t) for t in rejected]
+    unequal = [(a, b) for a, b in zip(lc, lr) if a != b]
+    columns = pairs.column_names if hasattr(pairs, "column_names") else list(pairs.keys())
+    lower = None
+    if "chosen_reward" in columns and "rejected_reward" in columns:
+        rc, rr = list(pairs["chosen_reward"]), list(pairs["rejected_reward"])
+        lower = sum(a < b for a, b in zip(rc, rr)) / len(rc)
+    return {
+        "n": len(chosen),
+        "n_unequal": len(unequal),
+        "chosen_longer": sum(a > b for a, b in unequal) / len(unequal) if unequal else float("nan"),
+        "chosen_words": sum(lc) / len(lc),
+        "rejected_words": sum(lr) / len(lr),
+        "lower_reward_chosen": lower,
+    }

@@ -97,3 +97,149 @@ def save(fig, *paths) -> list[str]:
         fig.savefig(p, dpi=110, bbox_inches="tight")
         written.append(str(p))
     return written
+
+
+# ---------------------------------------------------------------------------------------- the variants (06)
+
+def _variant_colors(names: Sequence[str]) -> dict[str, object]:
+    cmap = plt.get_cmap("tab10")
+    return {name: cmap(i % 10) for i, name in enumerate(names)}
+
+
+def plot_loss_curves(histories: dict[str, list[dict]], key: str = "loss", window: int = 5, ncols: int = 3,
+                     axes=None, title: str | None = None):
+    """One small panel per objective: the training curve of ``key`` (a TRL metric name), raw and smoothed.
+
+    Panels do not share a y axis: every objective has its own scale (DPO starts at log 2, IPO at 1/(4 beta^2),
+    hinge at 1), so what can be compared is the shape (how fast, whether it flattens), not the level.
+    """
+    names = list(histories)
+    if not names:
+        raise ValueError("plot_loss_curves: got no histories")
+    nrows = -(-len(names) // ncols)
+    if axes is None:
+        fig, grid = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.4 * nrows), squeeze=False)
+        axes = list(grid.flat)
+    else:
+        axes = list(np.ravel(axes))
+        fig = axes[0].figure
+    colors = _variant_colors(names)
+    for ax, name in zip(axes, names):
+        steps = [r["step"] for r in histories[name]]
+        values = [r[key] for r in histories[name]]
+        ax.plot(steps, values, color="0.82", lw=1)
+        ax.plot(steps, smooth(values, window), color=colors[name], lw=2)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for i, ax in enumerate(axes[:len(names)]):
+        if i + ncols >= len(names):  # the lowest panel of its column
+            ax.set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_frontier_points(results: dict[str, dict], reference: dict | None = None, ax=None,
+                         title: str | None = None, linthresh: float = 0.1):
+    """Mean true reward against KL(pi || pi_ref) on held-out prompts, one labelled point (± SE) per objective.
+
+    ``results[name]`` holds reward, reward_se, kl, kl_se (what ``evaluate.evaluate_policy`` returns). The KL axis
+    is symlog (linear below ``linthresh``), because the objectives land from ~0.1 to tens of nats apart.
+    """
+    fig, (ax,) = _axes(ax, figsize=(6.4, 4.4))
+    colors = _variant_colors(list(results))
+    for name, r in results.items():
+        ax.errorbar(r["kl"], r["reward"], xerr=r.get("kl_se"), yerr=r.get("reward_se"), fmt="o", ms=7,
+                    color=colors[name], capsize=2, label=name)
+        ax.annotate(name, (r["kl"], r["reward"]), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                    color=colors[name])
+    if reference is not None:
+        ax.axhline(reference["reward"], color=COLORS["reference"], ls=":", lw=1.2)
+        ax.plot([0], [reference["reward"]], "s", color=COLORS["reference"], ms=7, label="π_ref")
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("KL(π ‖ π_ref) on held-out prompts  (nats, symlog)")
+    ax.set_ylabel("mean true reward")
+    ax.set_title(title or "Where each objective lands")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def plot_logprob_shift(shifts: dict[str, dict], ax=None, title: str | None = None):
+    """Grouped bars, one pair per objective: mean change of log pi(y_w|x) and of log pi(y_l|x) from pi_ref.
+
+    ``shifts[name]`` is what ``evaluate.logprob_shift`` returns (chosen, rejected and their SEs).
+    """
+    names = list(shifts)
+    fig, (ax,) = _axes(ax, figsize=(max(6.0, 0.75 * len(names) + 1.5), 3.6))
+    x = np.arange(len(names))
+    width = 0.38
+    for offset, key in ((-width / 2, "chosen"), (width / 2, "rejected")):
+        ax.bar(x + offset, [shifts[n][key] for n in names], width, yerr=[shifts[n].get(f"{key}_se", 0) for n in names],
+               color=COLORS[key], alpha=0.8, capsize=2, label=f"{key}  log π − log π_ref")
+    ax.axhline(0, color="0.3", lw=1)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("nats (summed over the completion)")
+    ax.set_title(title or "What each objective does to the chosen and the rejected")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def plot_length_shift(lengths: dict[str, tuple[float, float]], reference_length: float, ax=None,
+                      labels: tuple[str, str] = ("true-reward labels", "length-biased labels"),
+                      title: str | None = None):
+    """Dumbbell chart: mean answer length per objective under two labellers, and the reference's length.
+
+    ``lengths[name] = (length when trained on the first labels, length on the second)``, in words.
+    """
+    names = list(lengths)
+    fig, (ax,) = _axes(ax, figsize=(6.4, 0.42 * len(names) + 1.4))
+    y = np.arange(len(names))[::-1]
+    first = np.array([lengths[n][0] for n in names], float)
+    second = np.array([lengths[n][1] for n in names], float)
+    ax.hlines(y, np.minimum(first, second), np.maximum(first, second), color="0.75", lw=3, zorder=1)
+    ax.scatter(first, y, color="tab:blue", s=45, zorder=2, label=labels[0])
+    ax.scatter(second, y, color="tab:orange", s=45, zorder=3, label=labels[1])
+    ax.axvline(reference_length, color=COLORS["reference"], ls=":", lw=1.2, label=f"π_ref ({reference_length:.1f})")
+    ax.set_yticks(y, names)
+    ax.set_xlabel("mean answer length on held-out prompts (words)")
+    ax.set_title(title or "Answer length under two labellers")
+    ax.legend(frameon=False, fontsize=8, loc="best")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def plot_probability_paths(paths: dict[str, Sequence[float]], targets: dict[str, float] | None = None,
+                           reference: float | None = None, styles: dict[str, dict] | None = None, ax=None,
+                           title: str | None = None, ylabel: str = "π_θ(y | x)"):
+    """Probability of one response per training step, on a log axis: one line per run.
+
+    ``targets[name]`` draws a dashed line where that run should stop (a closed form), in the run's colour;
+    ``reference`` marks pi_ref's probability. ``styles[name]`` are extra keyword arguments for ``ax.plot``.
+    """
+    fig, (ax,) = _axes(ax, figsize=(6.4, 4.0))
+    styles = styles or {}
+    colors = _variant_colors(list(paths))
+    for name, values in paths.items():
+        style = {"color": colors[name], "lw": 2, **styles.get(name, {})}
+        values = np.asarray(values, float)
+        (line,) = ax.plot(np.arange(1, len(values) + 1), values, label=name, **style)
+        if targets and name in targets:
+            ax.axhline(targets[name], color=line.get_color(), ls="--", lw=1)
+    if reference is not None:
+        ax.axhline(reference, color=COLORS["reference"], ls=":", lw=1.2, label="π_ref")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,143 @@
+"""Notebook 06's helpers: where DPO and IPO stop on the exact world, log-prob shifts, length statistics, plots."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from minidpo import bandit as B  # noqa: E402
+from minidpo import evaluate as ev  # noqa: E402
+from minidpo import plots  # noqa: E402
+
+
+def _pairs(rows):
+    """PreferencePairs from (prompt, chosen, rejected) triples."""
+    t = torch.tensor(rows, dtype=torch.long)
+    return B.PreferencePairs(prompt=t[:, 0], chosen=t[:, 1], rejected=t[:, 2])
+
+
+def _ipo_loss(world, pairs, probs, beta):
+    counts = pairs.counts(world.n_prompts, world.n_responses).to(torch.float64)
+    w = counts / counts.sum()
+    u = torch.log(probs) - torch.log(world.reference_probs)
+    h = u[:, :, None] - u[:, None, :]  # h[x, winner, loser]
+    return (w * (h - 1 / (2 * beta)) ** 2).sum()
+
+
+# ipo_optimum ---------------------------------------------------------------------------------------------------
+
+def test_ipo_optimum_two_responses_is_the_target_margin():
+    # One prompt, two responses, the first always wins: IPO puts log-ratio margin exactly 1/(2 beta) between them.
+    world = B.ExactWorld(reference_probs=torch.tensor([[0.3, 0.7]], dtype=torch.float64),
+                         rewards=torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+                         prompt_probs=torch.ones(1, dtype=torch.float64))
+    pairs = _pairs([(0, 0, 1)] * 10)
+    for beta in (0.1, 0.5, 2.0):
+        probs = B.ipo_optimum(world, pairs, beta)
+        odds = 0.3 / 0.7 * math.exp(1 / (2 * beta))  # pi(winner) / pi(loser)
+        assert probs[0, 1].item() == pytest.approx(1 / (1 + odds), rel=1e-12)
+        assert probs.sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_ipo_optimum_is_a_stationary_point_and_beats_training(deterministic):
+    world = B.make_world(n_prompts=3, n_responses=5, seed=0)
+    pairs = B.sample_pairs(world, 3000, seed=1, deterministic=deterministic)
+    beta = 0.3
+    probs = B.ipo_optimum(world, pairs, beta)
+    theta = torch.log(probs).clone().requires_grad_(True)
+    _ipo_loss(world, pairs, torch.softmax(theta, -1), beta).backward()
+    assert theta.grad.abs().max().item() < 1e-10  # gradient of the empirical IPO loss vanishes there
+    trained = B.train_tabular(world, pairs, beta, loss_type="ipo", steps=1500, lr=0.05, optimizer="adam").probs
+    assert _ipo_loss(world, pairs, probs, beta) <= _ipo_loss(world, pairs, trained, beta) + 1e-12
+    assert (trained - probs).abs().max().item() < 2e-3  # Adam from pi_ref ends on the closed form
+
+
+def test_ipo_optimum_moves_with_beta_and_never_compared_responses_keep_their_ratio():
+    world = B.make_world(n_prompts=1, n_responses=4, seed=0)
+    pairs = _pairs([(0, 0, 1)] * 3 + [(0, 1, 2)] * 2)  # response 3 never compared
+    small, large = B.ipo_optimum(world, pairs, 0.1), B.ipo_optimum(world, pairs, 10.0)
+    ratio = lambda p: (p / world.reference_probs)[0]  # noqa: E731
+    # response 3 and the middle of the chain (u = 0 on both) share their ratio to pi_ref
+    assert ratio(small)[3].item() == pytest.approx(ratio(small)[1].item(), rel=1e-9)
+    assert small[0, 2] < large[0, 2]  # smaller beta, larger target margin: the loser falls further
+    assert torch.allclose(B.ipo_optimum(world, pairs, 1e9), world.reference_probs, atol=1e-8)
+
+
+# dpo_optimum_exists ----------------------------------------------------------------------------------------------
+
+def test_dpo_optimum_exists_follows_the_comparison_graph():
+    world = B.make_world(n_prompts=4, n_responses=3, seed=0)
+    pairs = _pairs([
+        (0, 0, 1), (0, 1, 2), (0, 2, 0),  # a cycle of wins: every response beats every other via a chain
+        (1, 0, 1), (1, 0, 1),  # response 0 never loses: no finite optimum
+        (2, 0, 1), (2, 1, 0), (2, 2, 1), (2, 1, 2),  # everyone both wins and loses against response 1
+        # prompt 3: no pairs
+    ])
+    assert B.dpo_optimum_exists(world, pairs).tolist() == [True, False, True, True]
+
+
+def test_dpo_optimum_exists_deterministic_vs_bradley_terry():
+    world = B.make_world(n_prompts=3, n_responses=5, seed=0)
+    assert not B.dpo_optimum_exists(world, B.sample_pairs(world, 5000, seed=0, deterministic=True)).any()
+    assert B.dpo_optimum_exists(world, B.sample_pairs(world, 50_000, seed=0)).all()
+
+
+# logprob_shift, length_preference --------------------------------------------------------------------------------
+
+def test_logprob_shift_numbers():
+    rows = [{}] * 3  # only their number matters when log-probs are given
+    policy = (torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-6.0, -5.0, -4.0]))
+    reference = {"chosen_logps": torch.tensor([-2.0, -2.0, -2.0]), "rejected_logps": torch.tensor([-3.0, -3.0, -3.0])}
+    out = ev.logprob_shift(policy, reference, rows)
+    assert out["n"] == 3
+    assert out["chosen"] == pytest.approx(0.0)  # +1, 0, -1
+    assert out["rejected"] == pytest.approx(-2.0)  # -3, -2, -1
+    assert out["margin"] == pytest.approx(2.0)  # 4, 2, 0
+    assert out["chosen_se"] == pytest.approx(1 / math.sqrt(3))  # sample sd 1, n = 3
+    same = ev.logprob_shift(reference, reference, rows)
+    assert same["chosen"] == same["rejected"] == 0.0
+    with pytest.raises(ValueError, match="expected \\(2,\\)"):
+        ev.logprob_shift(policy, reference, rows[:2])
+    with pytest.raises(ValueError, match="no pairs"):
+        ev.logprob_shift(policy, reference, [])
+
+
+def test_length_preference_numbers():
+    pairs = {"chosen": [" a b c .", " a .", " a b ."], "rejected": [" a .", " a b c d .", " x y ."],
+             "chosen_reward": [1.0, 0.0, 2.0], "rejected_reward": [0.0, 1.0, 2.0]}
+    out = ev.length_preference(pairs)
+    assert out["n"] == 3 and out["n_unequal"] == 2
+    assert out["chosen_longer"] == pytest.approx(0.5)
+    assert out["chosen_words"] == pytest.approx(3.0) and out["rejected_words"] == pytest.approx(10 / 3)
+    assert out["lower_reward_chosen"] == pytest.approx(1 / 3)
+    assert ev.length_preference({"chosen": ["a b"], "rejected": ["a"]})["lower_reward_chosen"] is None
+    with pytest.raises(ValueError, match="no pairs"):
+        ev.length_preference({"chosen": [], "rejected": []})
+
+
+# plots -----------------------------------------------------------------------------------------------------------
+
+def test_variant_plots_draw_what_they_are_given():
+    history = [{"step": s, "loss": 1.0 / s} for s in range(1, 21)]
+    fig = plots.plot_loss_curves({"A": history, "B": history, "C": history, "D": history}, ncols=3)
+    assert sum(ax.get_visible() for ax in fig.axes) == 4 and len(fig.axes) == 6
+    results = {"A": {"reward": 1.0, "reward_se": 0.1, "kl": 2.0, "kl_se": 0.2},
+               "B": {"reward": 0.5, "reward_se": 0.1, "kl": 0.2, "kl_se": 0.05}}
+    fig = plots.plot_frontier_points(results, reference={"reward": 0.0})
+    assert fig.axes[0].get_xscale() == "symlog"
+    shifts = {"A": {"chosen": -1.0, "rejected": -3.0}, "B": {"chosen": 0.5, "rejected": -0.5}}
+    fig = plots.plot_logprob_shift(shifts)
+    heights = sorted(p.get_height() for p in fig.axes[0].patches)
+    assert heights == [-3.0, -1.0, -0.5, 0.5]
+    fig = plots.plot_length_shift({"A": (7.0, 9.0), "B": (6.0, 6.5)}, reference_length=7.4)
+    assert len(fig.axes[0].collections) >= 3  # the bars and two sets of dots
+    fig = plots.plot_probability_paths({"DPO": [0.1, 0.01, 0.001], "IPO": [0.1, 0.05, 0.05]}, targets={"IPO": 0.05},
+                                       reference=0.1)
+    assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 4
+    plt.close("all")
