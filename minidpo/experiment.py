@@ -57,7 +57,7 @@ class World:
 def world_key(world_cfg: w.WorldConfig, sft_cfg: SFTConfig, model_cfg: ModelConfig) -> str:
     """A short hash of every setting that changes the world (device and progress bars do not)."""
     sft_part = {k: v for k, v in asdict(sft_cfg).items() if k not in ("device", "show_progress")}
-    blob = json.dumps([asdict(world_cfg), sft_part, asdict(model_cfg), "v1"], sort_keys=True)
+    blob = json.dumps([asdict(world_cfg), sft_part, asdict(model_cfg), "v2"], sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
@@ -83,7 +83,9 @@ def build_world(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     corpus = w.generate_corpus(world_cfg)
-    tokenizer = train_tokenizer(corpus, model_max_length=model_cfg.n_positions)
+    # Only the world's own characters: with all 256 byte symbols, DPO pushes mass onto bytes that SFT never
+    # saw and samples dissolve into mojibake (notebook 04 shows where displaced mass goes).
+    tokenizer = train_tokenizer(corpus, model_max_length=model_cfg.n_positions, full_byte_alphabet=False)
     seconds["corpus_and_tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()

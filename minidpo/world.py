@@ -341,7 +341,8 @@ def label_pairs(prompts: list[str], completions: list[list[str]], cfg: WorldConf
     """Label pairs of completions with the Bradley–Terry labeller; return a `datasets.Dataset`.
 
     For prompt i, completions[i][0] is paired with completions[i][1], [2] with [3], and so on (an odd last
-    one is left out); pairs whose two texts are identical are skipped (nothing to prefer). The labeller picks
+    one is left out); pairs whose two texts are identical are skipped (nothing to prefer), and so are pairs
+    with an empty completion (the model stopped at once: `minidpo.data` refuses empty completions). The labeller picks
     a over b with `preference_probability(a, b, bt_scale, length_bonus)`. The settings come from `cfg`
     (default `WorldConfig()`), and `bt_scale`, `length_bonus`, `seed` override it when given.
 
@@ -368,7 +369,7 @@ def label_pairs(prompts: list[str], completions: list[list[str]], cfg: WorldConf
         if isinstance(texts, str):
             raise ValueError(f"label_pairs: completions[{i}] must be a list of strings, not one string")
         for a, b in zip(texts[0::2], texts[1::2]):
-            if a == b:
+            if a == b or not a.strip() or not b.strip():  # nothing to prefer, or nothing to train on
                 continue
             p_a = preference_probability(a, b, bt_scale, length_bonus, reward_fn)
             a_wins = rng.random() < p_a
