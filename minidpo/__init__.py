@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # name -> module that defines it, imported lazily on first attribute access
 _LAZY = {
     "optimal_policy": "bandit",
+    "rlhf_objective": "bandit",
+    "implicit_reward": "bandit",
     "load_preferences": "data",
     "validate_preferences": "data",
     "tokenize_preferences": "data",
@@ -25,7 +27,13 @@ _LAZY = {
 __all__ = ["preference_loss", "simpo_loss", "orpo_loss", "kto_loss", "sequence_logps", *_LAZY]
 
 
+_SUBMODULES = ("bandit", "data", "derivations", "evaluate", "experiment", "models", "plots", "tokenizer", "train",
+               "world")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # minidpo.derivations etc. without an explicit import (sympy loads only then)
+        return import_module(f".{name}", __name__)
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'minidpo' has no attribute {name!r}")
