@@ -173,6 +173,20 @@ def _as_logps(model_or_logps, pairs_tokenized, batch_size, pad_token_id, what):
             "rejected_logps": torch.as_tensor(r, dtype=torch.float32).cpu()}
 
 
+def _policy_and_reference_logps(policy, reference, pairs_tokenized, batch_size: int, pad_token_id: int, caller: str):
+    """(rows, policy log-probs, reference log-probs) for the same pairs, each a model or precomputed dict."""
+    rows = list(pairs_tokenized)
+    if not rows:
+        raise ValueError(f"{caller}: got no pairs")
+    pol = _as_logps(policy, rows, batch_size, pad_token_id, "policy")
+    ref = _as_logps(reference, rows, batch_size, pad_token_id, "reference")
+    for name, d in (("policy", pol), ("reference", ref)):
+        if d["chosen_logps"].shape != (len(rows),) or d["rejected_logps"].shape != (len(rows),):
+            raise ValueError(f"{name} log-probs have shapes {tuple(d['chosen_logps'].shape)} and "
+                             f"{tuple(d['rejected_logps'].shape)}, expected ({len(rows)},) for {len(rows)} pairs")
+    return rows, pol, ref
+
+
 def implicit_reward_accuracy(policy, reference_or_reference_logps, pairs_tokenized: Sequence[dict],
                              beta: float = 0.1, batch_size: int = 64, pad_token_id: int = 0) -> float:
     """Fraction of pairs where the implicit reward prefers the chosen completion.
@@ -188,15 +202,8 @@ def implicit_reward_accuracy(policy, reference_or_reference_logps, pairs_tokeniz
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    rows = list(pairs_tokenized)
-    if not rows:
-        raise ValueError("implicit_reward_accuracy: got no pairs")
-    pol = _as_logps(policy, rows, batch_size, pad_token_id, "policy")
-    ref = _as_logps(reference_or_reference_logps, rows, batch_size, pad_token_id, "reference")
-    for name, d in (("policy", pol), ("reference", ref)):
-        if d["chosen_logps"].shape != (len(rows),) or d["rejected_logps"].shape != (len(rows),):
-            raise ValueError(f"{name} log-probs have shapes {tuple(d['chosen_logps'].shape)} and "
-                             f"{tuple(d['rejected_logps'].shape)}, expected ({len(rows)},) for {len(rows)} pairs")
+    rows, pol, ref = _policy_and_reference_logps(policy, reference_or_reference_logps, pairs_tokenized, batch_size,
+                                                 pad_token_id, "implicit_reward_accuracy")
     chosen_rewards = beta * (pol["chosen_logps"] - ref["chosen_logps"])
     rejected_rewards = beta * (pol["rejected_logps"] - ref["rejected_logps"])
     wins = (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
@@ -269,6 +276,110 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
     }
 
 
+# ------------------------------------------------------------------------------------ where the mass goes
+
+@torch.no_grad()
+def next_token_mass(model, tokenizer, prompts: Sequence[str], groups: dict[str, Sequence[str]],
+                    batch_size: int = 256) -> dict[str, float]:
+    """The model's exact next-token distribution right after each prompt, summed over groups of tokens.
+
+    ``groups`` maps a name to strings that are each ONE token of ``tokenizer`` (for the synthetic world a word
+    with its leading space, " great", or ``tokenizer.eos_token``). Returns {name: mean over prompts of
+    π(next token in the group | prompt)} plus "other": the mass on every token in no group. The values add
+    up to 1. Nothing is sampled, so two models can be compared without Monte-Carlo noise.
+    """
+    prompts = list(prompts)
+    if not prompts or isinstance(prompts, str):
+        raise ValueError("next_token_mass: prompts must be a non-empty list of strings")
+    if "other" in groups:
+        raise ValueError("next_token_mass: 'other' is reserved for the tokens in no group")
+    ids: dict[str, list[int]] = {}
+    seen: dict[int, str] = {}
+    for name, texts in groups.items():
+        ids[name] = []
+        for text in texts:
+            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(encoded) != 1:
+                raise ValueError(f"next_token_mass: {text!r} (group {name!r}) is {len(encoded)} tokens, not one")
+            if encoded[0] in seen:
+                raise ValueError(f"next_token_mass: {text!r} is in groups {seen[encoded[0]]!r} and {name!r}")
+            seen[encoded[0]] = name
+            ids[name].append(encoded[0])
+    device, pad = _device(model), _pad_id(tokenizer)
+    encoded_prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(len(p) == 0 for p in encoded_prompts):
+        raise ValueError("next_token_mass: every prompt must have at least one token")
+    was_training = model.training
+    model.eval()
+    totals = {name: 0.0 for name in ids}
+    try:
+        for start in range(0, len(encoded_prompts), batch_size):
+            rows = encoded_prompts[start:start + batch_size]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # right-padded: positions stay 0..n-1
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                input_ids[i, :len(r)] = torch.tensor(r)
+                attention[i, :len(r)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # (B, T, V)
+            last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+            probs = torch.softmax(logits[torch.arange(len(rows), device=logits.device), last].float(), -1)  # (B, V)
+            for name, token_ids in ids.items():
+                totals[name] += float(probs[:, token_ids].sum())
+    finally:
+        model.train(was_training)
+    out = {name: total / len(prompts) for name, total in totals.items()}
+    out["other"] = max(0.0, 1.0 - sum(out.values()))
+    return out
+
+
+# ------------------------------------------------------------------------------------ best-of-n
+
+def best_of_n_kl_bound(n: int) -> float:
+    """log n − (n − 1)/n: the KL(π_bon ‖ π_ref) long quoted for best-of-n (Stiennon et al. 2020).
+
+    Beirami et al. 2024 (arXiv:2401.01879) show it is an upper bound, reached only when the reward takes a
+    different value on every response (no ties): `best_of_n` computes the actual KL.
+    """
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a whole number >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(rewards_per_prompt: Sequence[Sequence[float]], ns: Sequence[int]) -> list[dict]:
+    """Best-of-n sampling from π_ref, computed exactly from reward samples: expected reward and KL(π_bon‖π_ref).
+
+    ``rewards_per_prompt[i]`` holds the true rewards of N samples from π_ref for prompt i; their empirical
+    distribution stands in for π_ref's reward distribution on that prompt (a plug-in estimate). Best-of-n
+    draws n responses and keeps one with the highest reward, ties broken at random. With F the reward's
+    CDF under π_ref, the kept response's reward is v with probability q(v) = F(v)^n − F(v⁻)^n, and within a
+    reward level the kept response is distributed as π_ref restricted to that level, so exactly
+        E[r] = Σ_v q(v) v,     KL(π_bon ‖ π_ref) = Σ_v q(v) log(q(v) / p(v)),    p(v) = F(v) − F(v⁻).
+    Ties (the synthetic world's reward is a whole number) make the KL smaller than ``best_of_n_kl_bound``.
+
+    Returns one dict per n, averaged over prompts: {"n", "reward", "kl", "kl_bound"}.
+    """
+    rows = [list(map(float, r)) for r in rewards_per_prompt]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("best_of_n: need at least one prompt, each with at least one reward sample")
+    out = []
+    for n in ns:
+        bound = best_of_n_kl_bound(n)
+        reward = kl = 0.0
+        for r in rows:
+            values = sorted(set(r))
+            p = [r.count(v) / len(r) for v in values]
+            cdf = 0.0
+            for v, pv in zip(values, p):
+                q = (cdf + pv) ** n - cdf ** n
+                cdf += pv
+                reward += q * v
+                if q > 0:
+                    kl += q * math.log(q / pv)
+        out.append({"n": int(n), "reward": reward / len(rows), "kl": kl / len(rows), "kl_bound": bound})
+    return out
+
+
 # ------------------------------------------------------------------------------------ comparing objectives
 
 def logprob_shift(policy, reference_or_reference_logps, pairs_tokenized: Sequence[dict], batch_size: int = 64,
@@ -282,15 +393,8 @@ def logprob_shift(policy, reference_or_reference_logps, pairs_tokenized: Sequenc
     the same axis as DPO. Both numbers below 0 is preference displacement: the chosen answers lost probability
     too. `reference_or_reference_logps`: a model or `pair_logps(reference, ...)` computed once.
     """
-    rows = list(pairs_tokenized)
-    if not rows:
-        raise ValueError("logprob_shift: got no pairs")
-    pol = _as_logps(policy, rows, batch_size, pad_token_id, "policy")
-    ref = _as_logps(reference_or_reference_logps, rows, batch_size, pad_token_id, "reference")
-    for name, d in (("policy", pol), ("reference", ref)):
-        if d["chosen_logps"].shape != (len(rows),) or d["rejected_logps"].shape != (len(rows),):
-            raise ValueError(f"{name} log-probs have shapes {tuple(d['chosen_logps'].shape)} and "
-                             f"{tuple(d['rejected_logps'].shape)}, expected ({len(rows)},) for {len(rows)} pairs")
+    rows, pol, ref = _policy_and_reference_logps(policy, reference_or_reference_logps, pairs_tokenized, batch_size,
+                                                 pad_token_id, "logprob_shift")
     chosen = (pol["chosen_logps"] - ref["chosen_logps"]).tolist()
     rejected = (pol["rejected_logps"] - ref["rejected_logps"]).tolist()
     out = {"n": len(rows)}
