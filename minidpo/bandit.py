@@ -397,3 +397,137 @@ def dpo_optimum_exists(world: ExactWorld, pairs: PreferencePairs) -> torch.Tenso
 
 
 __all__ += ["ipo_optimum", "dpo_optimum_exists"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the probability goes: a feature world and a log-linear policy (notebook 04, preference displacement)
+
+# Per mood, the probabilities of a (positive, negative, neutral) word: the same table as ``minidpo.world.MOODS``
+# (bandit imports nothing of ours but ``losses``; a test keeps the two equal).
+REVIEW_MOODS = {"positive": (0.7, 0.1, 0.2), "negative": (0.1, 0.7, 0.2), "mixed": (0.35, 0.35, 0.3)}
+
+
+def make_review_world(max_words: int = 3, length_probs=(0.6, 0.3, 0.1)) -> tuple[ExactWorld, torch.Tensor, list[str]]:
+    """The synthetic world's reviews shrunk to an exact world: returns (world, features (K, 3), names).
+
+    A response is a bag of 1..``max_words`` adjectives, described by its counts (n_pos, n_neg, n_neutral): the
+    features. Its name writes them as "+", "-", "0" ("++-" = two positive words and one negative). There is one
+    prompt per mood of ``REVIEW_MOODS``; pi_ref(y|x) = P(length) * multinomial(counts | the mood's word
+    probabilities), so a positive prompt is mostly continued positively, as the SFT model of ``minidpo.world``
+    does. The reward is that of ``minidpo.world.reward``: r(y) = n_pos - n_neg. K = 19 for three words.
+    """
+    if max_words < 1 or len(length_probs) != max_words:
+        raise ValueError(f"need max_words >= 1 and one length probability per length, got {max_words} and "
+                         f"{len(length_probs)}")
+    if any(p < 0 for p in length_probs) or not sum(length_probs) > 0:
+        raise ValueError(f"length_probs must be >= 0 with a positive sum, got {tuple(length_probs)}")
+    from math import factorial
+
+    bags = [(a, b, n - a - b) for n in range(1, max_words + 1) for a in range(n, -1, -1) for b in range(n - a + 1)]
+    features = torch.tensor(bags, dtype=DTYPE)  # (K, 3)
+    names = ["+" * a + "-" * b + "0" * c for a, b, c in bags]
+    total = float(sum(length_probs))
+    rows = []
+    for p_pos, p_neg, p_neu in REVIEW_MOODS.values():
+        row = []
+        for a, b, c in bags:
+            multinomial = factorial(a + b + c) / (factorial(a) * factorial(b) * factorial(c))
+            row.append(length_probs[a + b + c - 1] / total * multinomial * p_pos ** a * p_neg ** b * p_neu ** c)
+        rows.append(row)
+    reference = torch.tensor(rows, dtype=DTYPE)
+    reference = reference / reference.sum(-1, keepdim=True)
+    rewards = (features[:, 0] - features[:, 1]).expand(len(REVIEW_MOODS), -1).clone()
+    world = ExactWorld(reference_probs=reference, rewards=rewards,
+                       prompt_probs=torch.full((len(REVIEW_MOODS),), 1.0 / len(REVIEW_MOODS), dtype=DTYPE))
+    return world, features, names
+
+
+def train_policy(world: ExactWorld, pairs: PreferencePairs, beta: float, features: torch.Tensor | None = None,
+                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+                 steps: int = 300, lr: float = 0.05, keep_history: bool = False) -> TabularResult:
+    """Train a policy on preference pairs with Adam, full batch, starting at pi_ref; tabular or log-linear.
+
+    - ``features=None``: tabular, one free logit per (prompt, response), as in ``train_tabular``.
+    - ``features`` of shape (K, d) or (P, K, d): log-linear, pi_theta(y|x) proportional to
+      pi_ref(y|x) exp(theta . phi(x, y)) with ONE theta in R^d shared by every prompt and response, the way a
+      network shares its weights. Pushing one response down then moves every response with similar features.
+
+    The loss is ``minidpo.preference_loss`` (any ``loss_type``, ``label_smoothing``) averaged over the pairs,
+    plus ``rpo_alpha`` times the mean negative log-likelihood of the chosen, -log pi_theta(y_w|x): the RPO term
+    (Pang et al. 2024), here per response (the GPT-2 trainer averages it per token). Adam with step ``lr`` gives
+    the first-order trajectory; ``keep_history`` keeps pi_theta after every step.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    log_ref = torch.log(world.reference_probs.to(DTYPE))  # (P, K)
+    if features is None:
+        theta = torch.zeros_like(log_ref, requires_grad=True)  # (P, K)
+
+        def logits() -> torch.Tensor:
+            return log_ref + theta
+    else:
+        feats = features.to(DTYPE)
+        if feats.shape[-2] != world.n_responses or feats.dim() not in (2, 3) or (
+                feats.dim() == 3 and feats.shape[0] != world.n_prompts):
+            raise ValueError(f"features must have shape (K, d) or (P, K, d) with P = {world.n_prompts} and "
+                             f"K = {world.n_responses}, got {tuple(feats.shape)}")
+        theta = torch.zeros(feats.shape[-1], dtype=DTYPE, requires_grad=True)  # (d,)
+
+        def logits() -> torch.Tensor:
+            return log_ref + feats @ theta  # (P, K)
+
+    x, yw, yl = pairs.prompt, pairs.chosen, pairs.rejected
+    opt = torch.optim.Adam([theta], lr=lr)
+    losses, history = [], []
+    with _single_thread():
+        for _ in range(steps):
+            log_pi = torch.log_softmax(logits(), dim=-1)
+            per_pair, _, _ = preference_loss(log_pi[x, yw], log_pi[x, yl], log_ref[x, yw], log_ref[x, yl],
+                                             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+            loss = per_pair.mean() - rpo_alpha * log_pi[x, yw].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if keep_history:
+                history.append(torch.softmax(logits().detach(), dim=-1))
+    return TabularResult(probs=torch.softmax(logits().detach(), dim=-1), losses=losses, history=history)
+
+
+def pair_log_ratios(policy_probs: torch.Tensor, reference_probs: torch.Tensor,
+                    pairs: PreferencePairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_w|x) - log pi_ref(y_w|x), the same for y_l): one value per pair, (n,) each.
+
+    Both negative with the first larger is preference displacement: the margin grew, yet the chosen lost mass.
+    """
+    if policy_probs.shape != reference_probs.shape:
+        raise ValueError(f"shape mismatch: policy_probs is {tuple(policy_probs.shape)} "
+                         f"but reference_probs is {tuple(reference_probs.shape)}")
+    log_ratio = torch.log(policy_probs.to(DTYPE)) - torch.log(reference_probs.to(DTYPE))
+    return log_ratio[pairs.prompt, pairs.chosen], log_ratio[pairs.prompt, pairs.rejected]
+
+
+def data_mass(policy_probs: torch.Tensor, pairs: PreferencePairs,
+              prompt_probs: torch.Tensor | None = None) -> dict[str, float]:
+    """How a policy's probability splits between the responses the data shows and the ones it never shows.
+
+    Per prompt, the responses fall in three sets: chosen in some pair; rejected but never chosen; in no pair
+    at all ("unseen"). Returns {"chosen", "rejected_only", "unseen"}: pi's mass on each set, averaged over
+    prompts with ``prompt_probs`` (uniform by default). The three add up to 1.
+    """
+    n_prompts, n_responses = policy_probs.shape[-2:]
+    chosen = torch.zeros(n_prompts, n_responses, dtype=torch.bool)
+    rejected = torch.zeros(n_prompts, n_responses, dtype=torch.bool)
+    chosen[pairs.prompt, pairs.chosen] = True
+    rejected[pairs.prompt, pairs.rejected] = True
+    sets = {"chosen": chosen, "rejected_only": rejected & ~chosen, "unseen": ~(chosen | rejected)}
+    probs = policy_probs.to(DTYPE)
+    return {name: float(_average_over_prompts((probs * members).sum(-1), prompt_probs))
+            for name, members in sets.items()}
+
+
+__all__ += ["REVIEW_MOODS", "make_review_world", "train_policy", "pair_log_ratios", "data_mass"]
