@@ -35,8 +35,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     labels = labels[:, 1:]  # (B, T-1)
     mask = labels != IGNORE_INDEX  # (B, T-1)
     vocab = logits.shape[-1]
-    counted = labels[mask]
-    if counted.numel() and (counted.min() < 0 or counted.max() >= vocab):
+    if (mask & ((labels < 0) | (labels >= vocab))).any():  # one check, so one device sync per call
+        counted = labels[mask]
         raise ValueError(f"labels hold ids outside [0, {vocab}) that are not -100; "
                          f"found {counted.min().item()} .. {counted.max().item()}")
 

@@ -5,6 +5,8 @@ The DPO loop is plain PyTorch, readable top to bottom:
   one concatenated forward of chosen+rejected -> loss -> backward -> clip -> AdamW -> log TRL-named metrics.
 No reference model is held in memory while training when ``precompute_ref=True`` (TRL's
 ``precompute_ref_log_probs``): the reference's numbers never change, so they are computed once.
+Launched by ``torchrun`` or ``accelerate launch`` (WORLD_SIZE > 1), the same loop runs data-parallel: the model
+is wrapped in DistributedDataParallel and each process takes its share of every global batch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -126,9 +129,14 @@ def _autocast(device: torch.device, precision: str):
 def _fingerprint(model: torch.nn.Module, features: list[dict], max_length: int) -> str:
     """A key for the reference cache: the weights and the tokenized data, so a change in either misses."""
     h = hashlib.blake2b(digest_size=12)
+    seen = set()
     for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if tensor.data_ptr() in seen:  # tied weights (GPT-2's lm_head is wte): hashed once
+            continue
+        seen.add(tensor.data_ptr())
+        # the raw bytes, read in place: no float32 copy of the model (any dtype, bf16 included)
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     for row in features:
         h.update(np.asarray(row["chosen_input_ids"] + [-1] + row["rejected_input_ids"], dtype=np.int64).tobytes())
         h.update(np.asarray(row["chosen_labels"] + row["rejected_labels"], dtype=np.int64).tobytes())
@@ -136,7 +144,7 @@ def _fingerprint(model: torch.nn.Module, features: list[dict], max_length: int) 
     return h.hexdigest()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, and skips autograd's version counters too
 def compute_reference_logps(
     model: torch.nn.Module, features: list[dict], collator: PreferenceCollator, batch_size: int,
     device: torch.device, show_progress: bool = False,
@@ -167,7 +175,9 @@ def cached_reference_logps(model, features, collator, cfg: DPOConfig, device, lo
     ref = compute_reference_logps(model, features, collator, cfg.batch_size, device, cfg.show_progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ref, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(ref, tmp)
+        os.replace(tmp, path)  # atomic: another process (a DDP rank, a second run) never reads half a file
         log(f"reference log-probs: computed for {len(features)} pairs, cached at {path}")
     return ref
 
@@ -191,6 +201,28 @@ def _save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, scaler, 
             f.unlink()
         ckpt.rmdir()
     tmp.rename(ckpt)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun / accelerate launch (WORLD_SIZE > 1) the
+    process group is started here if the launcher's script has not done it: NCCL on GPUs, gloo on the CPU;
+    each GPU process takes the GPU of its LOCAL_RANK. A plain run is (0, 1, device)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1, device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -267,9 +299,19 @@ def train_dpo(
     ``resume=True`` continues from ``output_dir/checkpoint`` and ends where an uninterrupted run ends.
     ``callback(step, model) -> dict`` runs at step 0 and every ``callback_every`` steps (and at the end), in
     eval mode under no_grad: how the notebooks trace a run's path on the reward-KL plane.
+
+    Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) every process runs this same call: each
+    takes ``batch_size / N`` pairs of every global batch, DDP averages the gradients, so the updates are
+    those of one process on the whole batch; only the first process logs and writes files.
     """
     cfg.validate()
     device = pick_device(cfg.device)
+    rank, world, device = _distributed(device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    local = cfg.batch_size // world  # pairs per process per step
+    if rank != 0:
+        log = _silent
     set_seed(cfg.seed)
     model.to(device)
     out = Path(output_dir) if output_dir is not None else None
@@ -319,6 +361,12 @@ def train_dpo(
         start_step = state["step"]
         log(f"resumed from {ckpt} at step {start_step}")
 
+    if rank != 0:
+        out = None  # from here on ``out`` is only written to, and only by the first process
+    policy = model  # what the loop calls: the model, or its DDP wrapper that averages gradients
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        policy = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_MARKER).write_text(json.dumps({"config": asdict(cfg)}, indent=2))
@@ -334,16 +382,22 @@ def train_dpo(
             evaluations.append({"step": at_step, **(callback(at_step, model) or {})})
         model.train()
 
+    if rank != 0:
+        callback = None
     if callback is not None and start_step == 0:
         run_callback(0)
     model.train()
     t0 = time.perf_counter()
     step = start_step
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"DPO ({cfg.loss_type})", disable=not cfg.show_progress)
+    order, order_epoch = [], -1
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"DPO ({cfg.loss_type})",
+               disable=not cfg.show_progress or rank != 0)
     try:
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
-            rows = _batch_order(len(features), cfg.batch_size, cfg.seed, epoch)[index]
+            if epoch != order_epoch:  # the epoch's batches, drawn once per epoch
+                order, order_epoch = _batch_order(len(features), cfg.batch_size, cfg.seed, epoch), epoch
+            rows = order[index][rank * local:(rank + 1) * local]  # this process's share of the global batch
             batch = _to(collator([features[i] for i in rows]), device)
             ref = None
             if ref_all is not None:
@@ -354,10 +408,7 @@ def train_dpo(
                 ref = {"chosen": r["chosen_logps"], "rejected": r["rejected_logps"]}
 
             with autocast:
-                loss, metrics = batch_loss(model, batch, ref, cfg)
-            if not torch.isfinite(loss):
-                _stop_diverged(f"loss is {loss.item()} at step {step}", out, model, tokenizer, optimizer,
-                               scheduler, scaler, step, cfg)
+                loss, metrics = batch_loss(policy, batch, ref, cfg)
             optimizer.zero_grad(set_to_none=True)
             if scaler:
                 scaler.scale(loss).backward()
@@ -365,8 +416,18 @@ def train_dpo(
             else:
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm) and scaler is None:  # fp16's scaler skips such steps by itself
-                _stop_diverged(f"gradient norm is {grad_norm.item()} at step {step}", out, model, tokenizer,
+            # Every logged number read in one device->host copy (one sync per step), averaged over processes.
+            logged = torch.stack([t.detach().float() for t in (loss, grad_norm, *metrics.values())])
+            if world > 1:
+                torch.distributed.all_reduce(logged)
+                logged /= world
+            values = dict(zip(["loss", "grad_norm", *metrics], logged.tolist()))
+            # Nothing is applied yet, so a stop here keeps the weights of the last good step.
+            if not math.isfinite(values["loss"]):
+                _stop_diverged(f"loss is {values['loss']} at step {step}", out, model, tokenizer, optimizer,
+                               scheduler, scaler, step, cfg)
+            if not math.isfinite(values["grad_norm"]) and scaler is None:  # fp16's scaler skips such steps
+                _stop_diverged(f"gradient norm is {values['grad_norm']} at step {step}", out, model, tokenizer,
                                optimizer, scheduler, scaler, step, cfg)
             if scaler:
                 scaler.step(optimizer)
@@ -376,8 +437,8 @@ def train_dpo(
             scheduler.step()
             step += 1
 
-            row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                   "learning_rate": scheduler.get_last_lr()[0], **{k: v.item() for k, v in metrics.items()}}
+            row = {"step": step, "epoch": step / steps_per_epoch, "loss": values.pop("loss"),
+                   "grad_norm": values.pop("grad_norm"), "learning_rate": scheduler.get_last_lr()[0], **values}
             history.append(row)
             if out is not None:
                 metrics_file.write(json.dumps(row) + "\n")
