@@ -243,3 +243,226 @@ def plot_probability_paths(paths: dict[str, Sequence[float]], targets: dict[str,
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+def plot_margin_paths(histories: dict[str, list[dict]], betas: dict[str, float], stops: dict[str, float] | None = None,
+                      window: int = 9, ax=None, title: str | None = None):
+    """The batch's mean margin h = (log-ratio of chosen) - (log-ratio of rejected), in nats, per training step.
+
+    TRL's rewards/margins is beta * h, so h = rewards/margins / beta (``betas[name]``). ``stops[name]`` draws, in the
+    run's colour, the margin where that objective stops pushing (IPO 1/(2 beta), hinge 1/beta, cDPO
+    log((1 - eps)/eps)/beta): what the curves are compared with.
+    """
+    fig, (ax,) = _axes(ax, figsize=(6.6, 4.0))
+    colors = _variant_colors(list(histories))
+    for name, history in histories.items():
+        steps = [r["step"] for r in history]
+        h = [r["rewards/margins"] / betas[name] for r in history]
+        ax.plot(steps, smooth(h, window), color=colors[name], lw=2, label=name)
+        if stops and name in stops:
+            ax.axhline(stops[name], color=colors[name], ls="--", lw=1.2)
+            ax.annotate(f"{name} stops", (steps[-1], stops[name]), textcoords="offset points", xytext=(-4, 3),
+                        ha="right", fontsize=8, color=colors[name])
+    ax.axhline(0, color="0.4", lw=1, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("margin h on the batch (nats)")
+    ax.set_title(title or "How far each objective pushes the margin")
+    ax.legend(frameon=False, fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- displacement and frontier (04, 05)
+
+MASS_COLORS = {"positive": "tab:green", "negative": "tab:red", "neutral": "tab:olive", "intensifier": "tab:cyan",
+               "end": "tab:purple", "other": "0.25", "chosen": "tab:green", "rejected_only": "tab:red",
+               "unseen": "tab:orange"}
+MASS_LABELS = {"rejected_only": "rejected only", "unseen": "in no pair"}  # bandit.data_mass's keys, for legends
+
+
+def plot_log_ratio_trace(steps: Sequence[float], chosen: Sequence[float], rejected: Sequence[float], ax=None,
+                         title: str | None = None, xlabel: str = "step"):
+    """Mean log pi(y|x) - log pi_ref(y|x) of a FIXED set of pairs, chosen and rejected, against training step.
+
+    Unlike ``plot_displacement`` (each step's own batch), the pairs never change, so the curves are not noisy
+    from batch to batch. The shaded gap is the margin that DPO's loss sees; the level is what it does not see.
+    """
+    fig, (ax,) = _axes(ax, figsize=(5.6, 3.8))
+    steps, chosen, rejected = (np.asarray(v, float) for v in (steps, chosen, rejected))
+    style = "o-" if len(steps) <= 40 else "-"  # markers only where they can be told apart
+    ax.plot(steps, chosen, style, ms=3, color=COLORS["chosen"], lw=2, label="chosen  log π/π_ref")
+    ax.plot(steps, rejected, style, ms=3, color=COLORS["rejected"], lw=2, label="rejected  log π/π_ref")
+    ax.fill_between(steps, rejected, chosen, color=COLORS["chosen"], alpha=0.1, label="margin (what the loss sees)")
+    ax.axhline(0, color="0.4", lw=1, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("nats relative to π_ref")
+    ax.set_title(title or "Chosen and rejected log-probabilities during DPO")
+    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mass_shift(masses: dict[str, dict[str, float]], ax=None, title: str | None = None,
+                    colors: dict[str, object] | None = None, xlabel: str = "probability mass"):
+    """Horizontal stacked bars: how each model splits its probability over named groups (each row sums to 1).
+
+    ``masses[model][group]`` is a probability, e.g. what ``evaluate.next_token_mass`` or ``bandit.data_mass``
+    returns. Groups keep the order of the first model's dict; segments wider than 6% carry their value.
+    """
+    names = list(masses)
+    if not names:
+        raise ValueError("plot_mass_shift: got no models")
+    groups = list(masses[names[0]])
+    colors = {**MASS_COLORS, **(colors or {})}
+    fig, (ax,) = _axes(ax, figsize=(6.4, 0.55 * len(names) + 1.6))
+    y = np.arange(len(names))[::-1]
+    left = np.zeros(len(names))
+    for i, g in enumerate(groups):
+        widths = np.array([masses[n].get(g, 0.0) for n in names], float)
+        color = colors.get(g, plt.get_cmap("tab10")(i % 10))
+        ax.barh(y, widths, left=left, color=color, alpha=0.85, edgecolor="white", label=MASS_LABELS.get(g, g))
+        for yy, lo, wd in zip(y, left, widths):
+            if wd > 0.06:
+                ax.text(lo + wd / 2, yy, f"{wd:.2f}", ha="center", va="center", fontsize=8, color="white")
+        left += widths
+    ax.set_yticks(y, names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title or "Where the probability goes")
+    longest = max(len(g) for g in groups)
+    ncol = min(len(groups), 6 if longest <= 12 else 3 if longest <= 24 else 1)  # long labels: fewer columns
+    ax.legend(frameon=False, fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    fig.tight_layout()
+    return fig
+
+
+def plot_mass_over_steps(masses: Sequence[dict[str, float]], steps: Sequence[float] | None = None, ax=None,
+                         title: str | None = None, colors: dict[str, object] | None = None):
+    """Stacked areas: a policy's mass on each group (e.g. ``bandit.data_mass``: chosen, rejected_only, unseen)
+    after every training step."""
+    if not masses:
+        raise ValueError("plot_mass_over_steps: got no rows")
+    groups = list(masses[0])
+    colors = {**MASS_COLORS, **(colors or {})}
+    x = np.arange(len(masses)) if steps is None else np.asarray(steps, float)
+    fig, (ax,) = _axes(ax, figsize=(5.6, 3.8))
+    ax.stackplot(x, *[[m[g] for m in masses] for g in groups], colors=[colors.get(g) for g in groups], alpha=0.8,
+                 labels=[MASS_LABELS.get(g, g) for g in groups])
+    ax.set_ylim(0, 1)
+    ax.set_xlim(x[0], x[-1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("probability mass")
+    ax.set_title(title or "Where the probability goes during training")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_response_probs(names: Sequence[str], probs: dict[str, Sequence[float]], highlight=None, ax=None,
+                        title: str | None = None, highlight_label: str = "never in the data", log: bool = False,
+                        ymin: float = 1e-6):
+    """Grouped bars over a finite set of responses, one bar per policy; ``highlight[k]`` True hatches response k
+    (for example, the responses that no preference pair contains) and marks its name with a star.
+    ``log=True``: a log probability axis from ``ymin`` to 1, so that small probabilities stay visible next to a
+    dominant one (bars below ``ymin`` are cut off)."""
+    fig, (ax,) = _axes(ax, figsize=(max(6.0, 0.42 * len(names) + 1.5), 3.6))
+    x = np.arange(len(names))
+    labels = list(probs)
+    width = 0.8 / max(1, len(labels))
+    palette = [COLORS["reference"], COLORS["policy"], "tab:orange", "tab:green", "tab:purple"]
+    mask = np.zeros(len(names), bool) if highlight is None else np.asarray(highlight, bool)
+    for i, label in enumerate(labels):
+        values = np.asarray(probs[label], float)
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, color=palette[i % len(palette)],
+                      alpha=0.85, label=label)
+        for bar, hatched in zip(bars, mask):
+            if hatched:
+                bar.set_hatch("///")
+                bar.set_edgecolor("white")
+    ax.set_xticks(x, [f"{n}*" if m else n for n, m in zip(names, mask)], rotation=60, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(ymin, 30)  # headroom above 1 for the legend
+    ax.set_ylabel("probability" + ("  (log scale)" if log else ""))
+    ax.set_xlabel(f"response  (* and hatched: {highlight_label})" if mask.any() else "response")
+    ax.set_title(title or "")
+    ax.legend(frameon=False, fontsize=8, loc="upper right", ncol=len(labels))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def plot_frontier(paths: dict[str, Sequence[dict]], points: dict[str, dict] | None = None,
+                  best_of_n: Sequence[dict] | None = None, reference: dict | None = None, ax=None,
+                  title: str | None = None, linthresh: float = 1.0):
+    """The reward-KL frontier (DPO paper, Fig. 2 left, in miniature).
+
+    ``paths[label]``: checkpoints of one run in training order, dicts with "kl" and "reward" (what
+    ``evaluate.evaluate_policy`` returns), drawn as a line in one colour per run, the last checkpoint larger.
+    ``points[label]``: single baselines (e.g. Preferred-FT), drawn as stars. ``best_of_n``: rows of
+    ``evaluate.best_of_n``, drawn at their exact KL (solid) and at the log n - (n-1)/n bound (dashed).
+    ``reference``: pi_ref's reward, at KL 0. The KL axis is symlog, linear below ``linthresh``.
+    """
+    fig, (ax,) = _axes(ax, figsize=(7.2, 4.8))
+    cmap = plt.get_cmap("viridis")
+    labels = list(paths)
+    for i, label in enumerate(labels):
+        rows = list(paths[label])
+        color = cmap(i / max(1, len(labels) - 1) * 0.9)
+        kl = [r["kl"] for r in rows]
+        reward = [r["reward"] for r in rows]
+        ax.plot(kl, reward, "o-", ms=3.5, lw=1.4, color=color, alpha=0.85, label=label)
+        ax.plot(kl[-1:], reward[-1:], "o", ms=8, color=color, markeredgecolor="black", markeredgewidth=0.6)
+    for j, (label, p) in enumerate((points or {}).items()):
+        ax.plot([p["kl"]], [p["reward"]], "*", ms=15, color=["tab:red", "tab:orange", "tab:pink"][j % 3],
+                markeredgecolor="black", markeredgewidth=0.6, label=label, zorder=5)
+    if best_of_n:
+        ax.plot([r["kl"] for r in best_of_n], [r["reward"] for r in best_of_n], "s-", ms=4, color="0.15", lw=1.6,
+                label="best-of-n from π_ref (exact KL)", zorder=4)
+        ax.plot([r["kl_bound"] for r in best_of_n], [r["reward"] for r in best_of_n], "s--", ms=3, color="0.55",
+                lw=1.2, label="best-of-n at log n − (n−1)/n", zorder=3)
+        for r in best_of_n:
+            ax.annotate(f"n={r['n']}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(-4, 6),
+                        fontsize=7, color="0.15", ha="right")
+    if reference is not None:
+        ax.plot([0], [reference["reward"]], "s", ms=8, color=COLORS["reference"], markeredgecolor="black",
+                label="π_ref", zorder=6)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"KL(π ‖ π_ref), nats per completion  (symlog: linear below {linthresh:g})")
+    ax.set_ylabel("mean true reward (held-out prompts)")
+    ax.set_title(title or "Reward against KL: the frontier")
+    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def plot_overoptimization(steps: Sequence[float], true_reward: Sequence[float], implicit: Sequence[float],
+                          ax=None, title: str | None = None, implicit_label: str = "implicit reward margin",
+                          true_se: Sequence[float] | None = None):
+    """True reward (left axis) and DPO's implicit reward (right axis) at the same checkpoints of one run.
+
+    Over-optimization is where the second keeps rising while the first falls: the policy still gets better
+    at what the loss measures, and worse at what we wanted.
+    """
+    fig, (ax,) = _axes(ax, figsize=(6.0, 3.8))
+    steps = np.asarray(steps, float)
+    ax.plot(steps, true_reward, "o-", color=COLORS["policy"], lw=2, label="true reward of samples")
+    if true_se is not None:
+        lo = np.asarray(true_reward, float) - np.asarray(true_se, float)
+        hi = np.asarray(true_reward, float) + np.asarray(true_se, float)
+        ax.fill_between(steps, lo, hi, color=COLORS["policy"], alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean true reward", color=COLORS["policy"])
+    right = ax.twinx()
+    right.plot(steps, implicit, "s--", color="tab:orange", lw=2, label=implicit_label)
+    right.set_ylabel(implicit_label, color="tab:orange")
+    lines = ax.get_lines()[:1] + right.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=8, loc="upper left")
+    ax.set_title(title or "Over-optimization")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
