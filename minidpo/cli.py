@@ -181,12 +181,20 @@ def cmd_train(args) -> int:
     if args.loss == "simpo" and args.beta == 0.1:
         print("note: SimPO's paper uses beta around 2.0; pass --beta to change it")
     pairs = load_preferences(args.data, split=args.split)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch: this process's number
+    if "LOCAL_RANK" in os.environ:  # one GPU per process: "cuda" below then means this process's GPU
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     model, tokenizer = _load_model_and_tokenizer(args.model, args.device)
     ref_model = None
     if args.ref_model:
         ref_model, _ = _load_model_and_tokenizer(args.ref_model, args.device)
     result = train_dpo(model, tokenizer, pairs, cfg, ref_model=ref_model, output_dir=out,
                        resume=args.resume is not None)
+    if rank != 0:  # the first process reports for all
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"trained {len(result.history)} steps in {result.seconds:.1f} s; last loss {last.get('loss', float('nan')):.4f}, "
           f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}")
