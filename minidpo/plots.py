@@ -101,9 +101,36 @@ def save(fig, *paths) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- the variants (06)
 
+# one colour per objective in every figure of notebook 06 (grey stays reserved for pi_ref)
+VARIANT_COLORS = {"DPO": "tab:blue", "cDPO": "tab:orange", "IPO": "tab:green", "hinge": "tab:red",
+                  "robust": "tab:purple", "SimPO": "tab:brown", "ORPO": "tab:pink", "KTO": "tab:cyan",
+                  "APO-zero": "tab:olive"}
+
+
 def _variant_colors(names: Sequence[str]) -> dict[str, object]:
     cmap = plt.get_cmap("tab10")
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
+    return {name: VARIANT_COLORS.get(name, cmap(i % 10)) for i, name in enumerate(names)}
+
+
+def _label_points(ax, items: list[tuple[str, float, float, object]], fontsize: int = 8) -> None:
+    """Write each label to the right of its point, nudged down where it would overlap one already written.
+
+    Points that coincide (two objectives that trained to the same numbers) share one label, "A = B".
+    """
+    groups: dict[tuple, list] = {}
+    for label, x, y, color in items:
+        groups.setdefault((round(x, 3), round(y, 3)), []).append((label, color))
+    fig = ax.figure
+    px_per_pt = fig.dpi / 72
+    placed: list[tuple[float, float]] = []
+    for (x, y), members in sorted(groups.items(), key=lambda kv: -kv[0][1]):
+        px, py = ax.transData.transform((x, y))
+        dy = 4.0
+        while any(abs(px - qx) < 60 * px_per_pt and abs(py + dy * px_per_pt - qy) < 9 * px_per_pt for qx, qy in placed):
+            dy -= 9.0
+        placed.append((px, py + dy * px_per_pt))
+        ax.annotate(" = ".join(m[0] for m in members), (x, y), textcoords="offset points", xytext=(6, dy),
+                    fontsize=fontsize, color=members[0][1], va="center")
 
 
 def plot_loss_curves(histories: dict[str, list[dict]], key: str = "loss", window: int = 5, ncols: int = 3,
@@ -154,13 +181,14 @@ def plot_frontier_points(results: dict[str, dict], reference: dict | None = None
     for name, r in results.items():
         ax.errorbar(r["kl"], r["reward"], xerr=r.get("kl_se"), yerr=r.get("reward_se"), fmt="o", ms=7,
                     color=colors[name], capsize=2, label=name)
-        ax.annotate(name, (r["kl"], r["reward"]), textcoords="offset points", xytext=(6, 4), fontsize=8,
-                    color=colors[name])
     if reference is not None:
         ax.axhline(reference["reward"], color=COLORS["reference"], ls=":", lw=1.2)
         ax.plot([0], [reference["reward"]], "s", color=COLORS["reference"], ms=7, label="π_ref")
     ax.set_xscale("symlog", linthresh=linthresh)
-    ax.set_xlim(left=0)
+    ax.autoscale_view()
+    left, right = ax.get_xlim()
+    ax.set_xlim(0, right * 1.6)  # room for the labels on the right
+    _label_points(ax, [(name, r["kl"], r["reward"], colors[name]) for name, r in results.items()])
     ax.set_xlabel("KL(π ‖ π_ref) on held-out prompts  (nats, symlog)")
     ax.set_ylabel("mean true reward")
     ax.set_title(title or "Where each objective lands")
@@ -210,7 +238,7 @@ def plot_length_shift(lengths: dict[str, tuple[float, float]], reference_length:
     ax.set_yticks(y, names)
     ax.set_xlabel("mean answer length on held-out prompts (words)")
     ax.set_title(title or "Answer length under two labellers")
-    ax.legend(frameon=False, fontsize=8, loc="best")
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
@@ -232,43 +260,48 @@ def plot_probability_paths(paths: dict[str, Sequence[float]], targets: dict[str,
         values = np.asarray(values, float)
         (line,) = ax.plot(np.arange(1, len(values) + 1), values, label=name, **style)
         if targets and name in targets:
-            ax.axhline(targets[name], color=line.get_color(), ls="--", lw=1)
+            first = name == next(n for n in paths if n in targets)
+            ax.axhline(targets[name], color=line.get_color(), ls=":", lw=1.5,
+                       label="closed-form target" if first else None)
     if reference is not None:
         ax.axhline(reference, color=COLORS["reference"], ls=":", lw=1.2, label="π_ref")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title or "")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines fill the axes
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
 
 
 def plot_margin_paths(histories: dict[str, list[dict]], betas: dict[str, float], stops: dict[str, float] | None = None,
-                      window: int = 9, ax=None, title: str | None = None):
+                      window: int = 9, axes=None, title: str | None = None):
     """The batch's mean margin h = (log-ratio of chosen) - (log-ratio of rejected), in nats, per training step.
 
-    TRL's rewards/margins is beta * h, so h = rewards/margins / beta (``betas[name]``). ``stops[name]`` draws, in the
-    run's colour, the margin where that objective stops pushing (IPO 1/(2 beta), hinge 1/beta, cDPO
-    log((1 - eps)/eps)/beta): what the curves are compared with.
+    TRL's rewards/margins is beta * h, so h = rewards/margins / beta (``betas[name]``). Left: the curves against
+    ``stops[name]``, drawn dashed in the run's colour: the margin where that objective stops pushing (IPO
+    1/(2 beta), hinge 1/beta, cDPO log((1 - eps)/eps)/beta). Right: the same curves, zoomed to the data.
     """
-    fig, (ax,) = _axes(ax, figsize=(6.6, 4.0))
+    fig, axes = _axes(axes, 2, figsize=(5.0, 3.8))
     colors = _variant_colors(list(histories))
-    for name, history in histories.items():
-        steps = [r["step"] for r in history]
-        h = [r["rewards/margins"] / betas[name] for r in history]
-        ax.plot(steps, smooth(h, window), color=colors[name], lw=2, label=name)
-        if stops and name in stops:
-            ax.axhline(stops[name], color=colors[name], ls="--", lw=1.2)
-            ax.annotate(f"{name} stops", (steps[-1], stops[name]), textcoords="offset points", xytext=(-4, 3),
-                        ha="right", fontsize=8, color=colors[name])
-    ax.axhline(0, color="0.4", lw=1, ls=":")
-    ax.set_xlabel("step")
-    ax.set_ylabel("margin h on the batch (nats)")
-    ax.set_title(title or "How far each objective pushes the margin")
-    ax.legend(frameon=False, fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
+    for i, ax in enumerate(axes[:2]):
+        for name, history in histories.items():
+            steps = [r["step"] for r in history]
+            h = [r["rewards/margins"] / betas[name] for r in history]
+            ax.plot(steps, smooth(h, window), color=colors[name], lw=2, label=name)
+            if i == 0 and stops and name in stops:
+                ax.axhline(stops[name], color=colors[name], ls="--", lw=1.2)
+                ax.annotate(f"{name} stops at {stops[name]:.3g}", (0, stops[name]), textcoords="offset points",
+                            xytext=(2, 3), fontsize=8, color=colors[name])
+        ax.axhline(0, color="0.4", lw=1, ls=":")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("margin h on the batch (nats)")
+    axes[0].set_title("against where each objective stops", fontsize=10)
+    axes[1].set_title("zoomed in", fontsize=10)
+    axes[1].legend(frameon=False, fontsize=8, ncol=2)
+    fig.suptitle(title or "How far each objective pushes the margin")
     fig.tight_layout()
     return fig
 
@@ -442,27 +475,52 @@ def plot_frontier(paths: dict[str, Sequence[dict]], points: dict[str, dict] | No
 
 def plot_overoptimization(steps: Sequence[float], true_reward: Sequence[float], implicit: Sequence[float],
                           ax=None, title: str | None = None, implicit_label: str = "implicit reward margin",
-                          true_se: Sequence[float] | None = None):
+                          true_se: Sequence[float] | None = None, kl: Sequence[float] | None = None,
+                          grammatical: Sequence[float] | None = None, objective: Sequence[float] | None = None,
+                          objective_label: str = "J = reward − β·KL"):
     """True reward (left axis) and DPO's implicit reward (right axis) at the same checkpoints of one run.
 
     Over-optimization is where the second keeps rising while the first falls: the policy still gets better
-    at what the loss measures, and worse at what we wanted.
+    at what the loss measures, and worse at what we wanted. ``objective`` (e.g. the KL-regularised objective
+    E[r] - beta KL that DPO is derived from) is drawn on the reward's axis. With ``kl`` (and optionally
+    ``grammatical``, a fraction) a second panel shows how far the policy is from pi_ref at the same checkpoints;
+    ``ax`` is then a pair of axes.
     """
-    fig, (ax,) = _axes(ax, figsize=(6.0, 3.8))
+    two = kl is not None
+    fig, axes = _axes(ax, 2 if two else 1, figsize=(6.0, 3.8))
+    ax = axes[0]
     steps = np.asarray(steps, float)
     ax.plot(steps, true_reward, "o-", color=COLORS["policy"], lw=2, label="true reward of samples")
     if true_se is not None:
         lo = np.asarray(true_reward, float) - np.asarray(true_se, float)
         hi = np.asarray(true_reward, float) + np.asarray(true_se, float)
         ax.fill_between(steps, lo, hi, color=COLORS["policy"], alpha=0.15)
+    if objective is not None:
+        ax.plot(steps, objective, "D-", ms=4, color="tab:purple", lw=2, label=objective_label)
+        ax.axhline(0, color="0.5", lw=0.8, ls=":")
     ax.set_xlabel("step")
-    ax.set_ylabel("mean true reward", color=COLORS["policy"])
+    ax.set_ylabel("mean true reward" + (" / objective" if objective is not None else ""), color=COLORS["policy"])
     right = ax.twinx()
     right.plot(steps, implicit, "s--", color="tab:orange", lw=2, label=implicit_label)
     right.set_ylabel(implicit_label, color="tab:orange")
-    lines = ax.get_lines()[:1] + right.get_lines()
+    lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")] + right.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=8, loc="upper left")
     ax.set_title(title or "Over-optimization")
     ax.grid(alpha=0.3)
+    if two:
+        ax2 = axes[1]
+        ax2.plot(steps, kl, "o-", color="0.2", lw=2, label="KL(π ‖ π_ref)")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("KL(π ‖ π_ref), nats")
+        ax2.set_title("How far from π_ref, and what is left of the language")
+        ax2.grid(alpha=0.3)
+        lines = ax2.get_lines()
+        if grammatical is not None:
+            right2 = ax2.twinx()
+            right2.plot(steps, grammatical, "^:", color="tab:green", lw=2, label="grammatical samples")
+            right2.set_ylim(0, 1.02)
+            right2.set_ylabel("fraction grammatical", color="tab:green")
+            lines = lines + right2.get_lines()
+        ax2.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=8, loc="center right")
     fig.tight_layout()
     return fig
