@@ -456,7 +456,7 @@ def plot_frontier(paths: dict[str, Sequence[dict]], points: dict[str, dict] | No
                 label="best-of-n from π_ref (exact KL)", zorder=4)
         ax.plot([r["kl_bound"] for r in best_of_n], [r["reward"] for r in best_of_n], "s--", ms=3, color="0.55",
                 lw=1.2, label="best-of-n at log n − (n−1)/n", zorder=3)
-        for r in best_of_n:
+        for r in best_of_n[1:] if best_of_n[0]["n"] == 1 else best_of_n:  # n = 1 is pi_ref itself
             ax.annotate(f"n={r['n']}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(-4, 6),
                         fontsize=7, color="0.15", ha="right")
     if reference is not None:
