@@ -166,3 +166,39 @@ def test_next_token_mass_sums_groups():
         ev.next_token_mass(model, _Tok(), ["x"], {"a": [" a"], "again": [" a"]})
     with pytest.raises(ValueError, match="not one"):
         ev.next_token_mass(model, _Tok(), ["x"], {"two": [" a b"]})
+
+
+# plots --------------------------------------------------------------------------------------------------------------
+
+def test_plots_draw_the_numbers_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minidpo import plots
+
+    fig = plots.plot_mass_shift({"a": {"x": 0.25, "y": 0.75}, "b": {"x": 0.6, "y": 0.4}})
+    widths = sorted(round(p.get_width(), 6) for p in fig.axes[0].patches)
+    assert widths == [0.25, 0.4, 0.6, 0.75]
+    plt.close(fig)
+
+    bon = ev.best_of_n([[0.0, 1.0, 2.0]], [1, 2, 4])
+    paths = {"run": [{"kl": 0.0, "reward": 0.0}, {"kl": 2.0, "reward": 1.5}]}
+    fig = plots.plot_frontier(paths, points={"PFT": {"kl": 0.3, "reward": 0.4}}, best_of_n=bon,
+                              reference={"reward": 0.0})
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert list(lines["run"].get_xdata()) == [0.0, 2.0]
+    assert list(lines["best-of-n from π_ref (exact KL)"].get_xdata()) == pytest.approx([r["kl"] for r in bon])
+    assert list(lines["best-of-n at log n − (n−1)/n"].get_xdata()) == pytest.approx([r["kl_bound"] for r in bon])
+    plt.close(fig)
+
+    fig = plots.plot_overoptimization([0, 1, 2], [0.0, 1.0, 0.5], [0.0, 0.2, 0.4], objective=[0.0, 0.5, -1.0],
+                                      kl=[0.0, 1.0, 3.0], grammatical=[1.0, 0.8, 0.3])
+    assert len(fig.axes) == 4  # reward + its twin, KL + its twin
+    plt.close(fig)
+
+    fig = plots.plot_response_probs(["a", "b"], {"p": [0.9, 0.1]}, highlight=[False, True], log=True)
+    bars = fig.axes[0].patches
+    assert [b.get_hatch() for b in bars] == [None, "///"] and fig.axes[0].get_yscale() == "log"
+    plt.close(fig)
