@@ -206,7 +206,10 @@ def implicit_reward_accuracy(policy, reference_or_reference_logps, pairs_tokeniz
                                                  pad_token_id, "implicit_reward_accuracy")
     chosen_rewards = beta * (pol["chosen_logps"] - ref["chosen_logps"])
     rejected_rewards = beta * (pol["rejected_logps"] - ref["rejected_logps"])
-    wins = (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
+    # Log-probs summed in another batch layout differ in the last float32 bits; closer than that is a tie.
+    margin = chosen_rewards - rejected_rewards
+    tie = margin.abs() <= 1e-5 * beta * (1 + pol["chosen_logps"].abs() + pol["rejected_logps"].abs())
+    wins = ((margin > 0) & ~tie).double() + 0.5 * tie.double()
     return float(wins.mean())
 
 

@@ -27,6 +27,7 @@ from .tokenizer import load_tokenizer, train_tokenizer
 from .train import DPOConfig, SFTConfig, TrainResult, sft, train_dpo
 
 DEFAULT_CACHE = ".cache/minidpo"
+WORLD_CODE_VERSION = 3  # v2: the world's own alphabet; v3: no pairs with an empty completion
 # One-shard "Loading weights" / "Writing model shards" bars are noise in a course's outputs.
 hf_logging.disable_progress_bar()
 
@@ -57,7 +58,8 @@ class World:
 def world_key(world_cfg: w.WorldConfig, sft_cfg: SFTConfig, model_cfg: ModelConfig) -> str:
     """A short hash of every setting that changes the world (device and progress bars do not)."""
     sft_part = {k: v for k, v in asdict(sft_cfg).items() if k not in ("device", "show_progress")}
-    blob = json.dumps([asdict(world_cfg), sft_part, asdict(model_cfg), "v2"], sort_keys=True)
+    # WORLD_CODE_VERSION: bump it whenever the code that builds a world changes what it builds.
+    blob = json.dumps([asdict(world_cfg), sft_part, asdict(model_cfg), WORLD_CODE_VERSION], sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
@@ -132,10 +134,15 @@ def _load_world(d: Path, world_cfg: w.WorldConfig, device: str) -> World:
     info = json.loads((d / "info.json").read_text())
     tokenizer = load_tokenizer(d / "reference")
     reference = load_causal_lm(d / "reference", device=pick_device(device)).eval()
-    pairs = {name: datasets.Dataset.from_json(str(d / f"{name}.jsonl")) for name in ("train_pairs", "heldout_pairs")}
+    pairs = {name: _read_pairs(d / f"{name}.jsonl") for name in ("train_pairs", "heldout_pairs")}
     heldout_prompts = json.loads((d / "heldout_prompts.json").read_text())
     return World(tokenizer, reference, pairs["train_pairs"], pairs["heldout_pairs"], heldout_prompts, world_cfg, d,
                  {}, info["label_noise"])
+
+
+def _read_pairs(path: Path) -> datasets.Dataset:
+    # from_list, not from_json: no "Generating train split" bar on stderr and no Arrow cache beside the file
+    return datasets.Dataset.from_list([json.loads(line) for line in path.read_text().splitlines() if line])
 
 
 def run_dpo(world: World, cfg: DPOConfig | None = None, pairs: datasets.Dataset | None = None,

@@ -125,6 +125,10 @@ def test_implicit_accuracy_from_given_logps():
     policy = (torch.tensor([1.0, -1.0, 0.5, 0.0]), torch.tensor([0.0, 0.0, 0.0, 0.0]))
     # correct, wrong, correct, tie
     assert implicit_reward_accuracy(policy, ref, [{}] * 4, beta=0.1) == pytest.approx(2.5 / 4)
+    # float32 noise from another batch layout (~1 ulp of a -40 nat log-prob) is a tie, a 0.01 nat gap is not
+    base = {"chosen_logps": torch.full((4,), -40.0), "rejected_logps": torch.full((4,), -41.0)}
+    noisy = (base["chosen_logps"] + torch.tensor([4e-6, -4e-6, 0.0, 0.01]), base["rejected_logps"])
+    assert implicit_reward_accuracy(noisy, base, [{}] * 4, beta=0.1) == pytest.approx(2.5 / 4)
     with pytest.raises(ValueError, match="beta"):
         implicit_reward_accuracy(policy, ref, [{}] * 4, beta=0.0)
     with pytest.raises(ValueError, match="expected"):
