@@ -221,10 +221,11 @@ def plot_logprob_shift(shifts: dict[str, dict], ax=None, title: str | None = Non
 
 def plot_length_shift(lengths: dict[str, tuple[float, float]], reference_length: float, ax=None,
                       labels: tuple[str, str] = ("true-reward labels", "length-biased labels"),
-                      title: str | None = None):
+                      marks: dict[str, float] | None = None, title: str | None = None):
     """Dumbbell chart: mean answer length per objective under two labellers, and the reference's length.
 
     ``lengths[name] = (length when trained on the first labels, length on the second)``, in words.
+    ``marks[label] = x`` adds a dashed vertical line (a length worth comparing with, e.g. the grammar's longest).
     """
     names = list(lengths)
     fig, (ax,) = _axes(ax, figsize=(6.4, 0.42 * len(names) + 1.4))
@@ -235,10 +236,12 @@ def plot_length_shift(lengths: dict[str, tuple[float, float]], reference_length:
     ax.scatter(first, y, color="tab:blue", s=45, zorder=2, label=labels[0])
     ax.scatter(second, y, color="tab:orange", s=45, zorder=3, label=labels[1])
     ax.axvline(reference_length, color=COLORS["reference"], ls=":", lw=1.2, label=f"π_ref ({reference_length:.1f})")
+    for label, x in (marks or {}).items():
+        ax.axvline(x, color="0.35", ls="--", lw=1, label=label)
     ax.set_yticks(y, names)
     ax.set_xlabel("mean answer length on held-out prompts (words)")
     ax.set_title(title or "Answer length under two labellers")
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
@@ -249,10 +252,10 @@ def plot_probability_paths(paths: dict[str, Sequence[float]], targets: dict[str,
                            title: str | None = None, ylabel: str = "π_θ(y | x)"):
     """Probability of one response per training step, on a log axis: one line per run.
 
-    ``targets[name]`` draws a dashed line where that run should stop (a closed form), in the run's colour;
+    ``targets[name]`` draws a dotted line where that run should stop (a closed form), in the run's colour;
     ``reference`` marks pi_ref's probability. ``styles[name]`` are extra keyword arguments for ``ax.plot``.
     """
-    fig, (ax,) = _axes(ax, figsize=(6.4, 4.0))
+    fig, (ax,) = _axes(ax, figsize=(7.4, 4.0))  # wide: the legend sits outside, on the right
     styles = styles or {}
     colors = _variant_colors(list(paths))
     for name, values in paths.items():

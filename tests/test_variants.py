@@ -141,3 +141,18 @@ def test_variant_plots_draw_what_they_are_given():
                                        reference=0.1)
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 4
     plt.close("all")
+
+
+def test_margin_paths_and_coinciding_frontier_points():
+    history = [{"step": s, "rewards/margins": 0.01 * s} for s in range(1, 31)]  # beta 0.1: h = 0.1 * step
+    fig = plots.plot_margin_paths({"DPO": history, "IPO": history}, {"DPO": 0.1, "IPO": 0.1}, stops={"IPO": 5.0},
+                                  window=1)
+    left, right = fig.axes[:2]
+    assert right.lines[0].get_ydata()[-1] == pytest.approx(3.0)  # h = margins / beta
+    assert any(line.get_ydata()[0] == 5.0 for line in left.lines)  # the stop line, left panel only
+    assert not any(len(line.get_ydata()) == 2 and line.get_ydata()[0] == 5.0 for line in right.lines)
+    same = {"reward": 1.0, "kl": 2.0}
+    fig = plots.plot_frontier_points({"KTO": same, "APO-zero": same, "DPO": {"reward": 1.5, "kl": 2.0}})
+    texts = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert texts == ["DPO", "KTO = APO-zero"]
+    plt.close("all")
