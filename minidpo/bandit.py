@@ -286,7 +286,9 @@ def train_tabular(world: ExactWorld, pairs: PreferencePairs, beta: float, loss_t
         return (weights * losses).sum()
 
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+        # max_eval: the line search needs room (its default, max_iter * 5 // 4 = 1, stalls ill-conditioned fits)
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, max_eval=10, history_size=20,
+                                line_search_fn="strong_wolfe")
     else:
         opt = torch.optim.Adam([theta], lr=lr)
 

@@ -51,7 +51,7 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paired preference losses on log-ratios. Returns (losses, chosen_rewards, rejected_rewards), each (B,).
 
-    loss_type (TRL uses the same names):
+    loss_type (the same names as TRL's DPOConfig.loss_type):
       "sigmoid"   DPO, Rafailov et al. 2023, Eq. 7:  -log sigma(beta h).
                   With label_smoothing = eps > 0 it is conservative DPO (cDPO, Mitchell 2023): the label is
                   assumed flipped with probability eps,  -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
