@@ -212,38 +212,38 @@ def main() -> None:
         if not args.no_fused_gelu:
             fused.append(loop_efficiency(n_embd, steps, activation="gelu_pytorch_tanh"))
 
-    med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    def stat(rows, key, how):
+        values = [r["loop"] + r["ref"] if key == "loop+ref" else r[key] for r in rows]
+        return statistics.median(values) if how == "median" else min(values)
+
     if jobs:
         steps = JOB["steps"]
         print(f"\n### minidpo vs TRL {_version('trl')} DPOTrainer (CPU, {torch.get_num_threads()} threads; "
-              f"median of {args.repeats})\n")
-        print("| job | whole job (s) | whole job, CPU (s) | in training (s) | steps/s | whole job vs TRL |")
+              f"median of {args.repeats} runs, best run in brackets)\n")
+        print("| job | whole job (s) | whole job, CPU (s) | in training (s) | steps/s in training | "
+              "whole job: TRL / this |")
         print("|---|---:|---:|---:|---:|---:|")
-        base = med(jobs["trl"], "whole") if "trl" in jobs else None
 
         def line(name, rows, train_key):
-            whole = med(rows, "whole")
-            if train_key == "loop+ref":
-                train = statistics.median(r["loop"] + r["ref"] for r in rows)
-            else:
-                train = med(rows, train_key)
-            ratio = f"{base / whole:.2f}x" if base else "n/a"
-            print(f"| {name} | {whole:.1f} | {med(rows, 'cpu'):.1f} | {train:.2f} | {steps / train:.1f} | {ratio} |")
+            cell = lambda key, fmt: f"{stat(rows, key, 'median'):{fmt}} ({stat(rows, key, 'best'):{fmt}})"  # noqa: E731
+            rate = f"{steps / stat(rows, train_key, 'median'):.1f} ({steps / stat(rows, train_key, 'best'):.1f})"
+            ratio = "n/a"
+            if "trl" in jobs:
+                ratio = " ".join(f"{stat(jobs['trl'], 'whole', how) / stat(rows, 'whole', how):.2f}x"
+                                 for how in ("median", "best"))
+                ratio = ratio.replace(" ", " (", 1) + ")"
+            print(f"| {name} | {cell('whole', '.1f')} | {cell('cpu', '.1f')} | {cell(train_key, '.2f')} | {rate} | "
+                  f"{ratio} |")
 
         line("`minidpo train`, cold reference cache (ref pass + loop)", jobs["minidpo"], "loop+ref")
         line("`minidpo train`, warm reference cache (loop only)", jobs["minidpo_warm"], "loop")
         if "trl" in jobs:
             line("TRL `DPOTrainer`, defaults (reference forward every step)", jobs["trl"], "train")
             line("TRL `DPOTrainer`, `precompute_ref_log_probs=True`", jobs["trl_pre"], "train")
-        loop = statistics.median(r["loop"] for r in jobs["minidpo"])
-        ref = statistics.median(r["ref"] for r in jobs["minidpo"])
-        print(f"\nminidpo cold: reference pass {ref:.2f} s + {steps} steps {loop:.2f} s "
+        loop, ref = stat(jobs["minidpo"], "loop", "median"), stat(jobs["minidpo"], "ref", "median")
+        print(f"\nminidpo cold (medians): reference pass {ref:.2f} s + {steps} steps {loop:.2f} s "
               f"({steps / loop:.1f} steps/s in the loop alone). 'in training' is TRL's train() and minidpo's "
-              f"reference pass + loop.")
-        if base:
-            print(f"whole job, minidpo (cold) vs TRL (defaults): {base / med(jobs['minidpo'], 'whole'):.2f}x faster; "
-                  f"vs TRL with precomputed reference: "
-                  f"{med(jobs['trl_pre'], 'whole') / med(jobs['minidpo'], 'whole'):.2f}x")
+              f"reference pass + loop; the rest of a whole job is start-up (imports), loading, tokenizing, saving.")
 
     print(f"\n### The DPO loop against the fp32 matmul peak (peak measured right after each run)\n")
     head = "| n_embd | parameters | GFLOP per step | steps/s | GFLOP/s | peak GFLOP/s | fraction of peak |"
