@@ -27,34 +27,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _number(cast, ok, requirement: str):
+    """An argparse type: parse with ``cast``, then check ``ok``, naming the requirement when it fails."""
+    kind = "a whole number" if cast is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not ok(value):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
-    return value
+_positive_float = _number(float, lambda v: v > 0, "> 0")
+_positive_int = _number(int, lambda v: v >= 1, ">= 1")
+_unit_interval = _number(float, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
 
 
 def prepare_output_dir(path: str | os.PathLike, resume: bool = False) -> Path:

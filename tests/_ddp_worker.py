@@ -13,25 +13,17 @@ import sys
 
 
 def run(output_dir=None, steps=6):
-    from minidpo.data import load_preferences
-    from minidpo.models import tiny_gpt2
     from minidpo.tokenizer import train_tokenizer
     from minidpo.train import DPOConfig, train_dpo
-    from minidpo.world import WorldConfig, generate_corpus, reward, split_review
 
-    corpus = generate_corpus(WorldConfig(seed=0, n_corpus=256))
-    rows = []
-    for a, b in zip(corpus[0::2], corpus[1::2]):
-        (prompt, ca), (_, cb) = split_review(a), split_review(b)
-        if reward(ca) != reward(cb):
-            chosen, rejected = (ca, cb) if reward(ca) > reward(cb) else (cb, ca)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    from _fixtures import fresh_model, make_pairs
+
+    pairs, corpus = make_pairs(n=64)
     tokenizer = train_tokenizer(corpus, model_max_length=64)
-    model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=0,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = fresh_model(tokenizer)
     cfg = DPOConfig(batch_size=8, lr=5e-3, max_steps=steps, warmup_steps=2, cache_dir=None, show_progress=False,
                     device="cpu")
-    return train_dpo(model, tokenizer, load_preferences(rows[:64]), cfg, output_dir=output_dir, log=lambda *_: None)
+    return train_dpo(model, tokenizer, pairs, cfg, output_dir=output_dir, log=lambda *_: None)
 
 
 if __name__ == "__main__":

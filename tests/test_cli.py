@@ -14,7 +14,7 @@ from minidpo.cli import main
 from minidpo.models import tiny_gpt2
 from minidpo.tokenizer import train_tokenizer
 
-from test_train import make_pairs
+from _fixtures import make_pairs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
 

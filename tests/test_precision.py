@@ -11,28 +11,11 @@ import math
 import pytest
 import torch
 
-from minidpo.data import load_preferences
 from minidpo.logps import sequence_logps
-from minidpo.models import tiny_gpt2
 from minidpo.tokenizer import train_tokenizer
 from minidpo.train import DPOConfig, train_dpo
-from minidpo.world import WorldConfig, generate_corpus, reward, split_review
 
-
-def make_pairs(n: int = 64):
-    corpus = generate_corpus(WorldConfig(seed=0, n_corpus=4 * n))
-    rows = []
-    for a, b in zip(corpus[0::2], corpus[1::2]):
-        (prompt, ca), (_, cb) = split_review(a), split_review(b)
-        if reward(ca) != reward(cb):
-            chosen, rejected = (ca, cb) if reward(ca) > reward(cb) else (cb, ca)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return load_preferences(rows[:n]), corpus
-
-
-def fresh_model(tok):
-    return tiny_gpt2(len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=0,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+from _fixtures import fresh_model, make_pairs
 
 
 def _cpu_autocast_ok(dtype) -> bool:

@@ -5,26 +5,10 @@ import json
 import pytest
 import torch
 
-from minidpo.data import load_preferences
-from minidpo.models import tiny_gpt2
 from minidpo.tokenizer import train_tokenizer
 from minidpo.train import (CHECKPOINT, DPOConfig, SFTConfig, TrainingDiverged, batch_loss, sft, sft_on_pairs,
                            train_dpo)
-from minidpo.world import WorldConfig, generate_corpus, reward, split_review
-
-
-def make_pairs(n: int = 64, seed: int = 0):
-    """Pairs from the grammar: for each prompt, the more positive of two real completions is chosen."""
-    corpus = generate_corpus(WorldConfig(seed=seed, n_corpus=4 * n))
-    rows = []
-    for a, b in zip(corpus[0::2], corpus[1::2]):
-        prompt, ca = split_review(a)
-        _, cb = split_review(b)
-        if reward(ca) == reward(cb) or ca == cb:
-            continue
-        chosen, rejected = (ca, cb) if reward(ca) > reward(cb) else (cb, ca)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return load_preferences(rows[:n]), corpus
+from _fixtures import fresh_model, make_pairs
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +16,6 @@ def setup():
     pairs, corpus = make_pairs()
     tokenizer = train_tokenizer(corpus, model_max_length=64)
     return pairs, tokenizer
-
-
-def fresh_model(tokenizer, seed=0):
-    return tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=seed,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def cfg(**kw):
