@@ -1,18 +1,21 @@
 """minidpo: Direct Preference Optimization, small enough to read.
 
-The public API (DESIGN.md) is re-exported here. ``losses`` and ``logps`` need only torch and are imported at
-once; the rest (transformers, datasets, sympy) loads on first use, so ``import minidpo`` stays quick.
+The public API (DESIGN.md) is re-exported here and loads on first use: ``minidpo.preference_loss`` imports
+torch then, ``minidpo.load_preferences`` datasets, ``minidpo.derivations`` sympy. So ``import minidpo`` (and
+``minidpo --help``) costs nothing until something is used.
 """
 
 from importlib import import_module
-
-from .logps import sequence_logps
-from .losses import kto_loss, orpo_loss, preference_loss, simpo_loss
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported lazily on first attribute access
 _LAZY = {
+    "preference_loss": "losses",
+    "simpo_loss": "losses",
+    "orpo_loss": "losses",
+    "kto_loss": "losses",
+    "sequence_logps": "logps",
     "optimal_policy": "bandit",
     "rlhf_objective": "bandit",
     "implicit_reward": "bandit",
@@ -24,11 +27,11 @@ _LAZY = {
     "PROMPT_COLUMNS": "data",
 }
 
-__all__ = ["preference_loss", "simpo_loss", "orpo_loss", "kto_loss", "sequence_logps", *_LAZY]
+__all__ = list(_LAZY)
 
 
-_SUBMODULES = ("bandit", "data", "derivations", "evaluate", "experiment", "models", "plots", "tokenizer", "train",
-               "world")
+_SUBMODULES = ("bandit", "cli", "data", "derivations", "evaluate", "experiment", "logps", "losses", "models",
+               "plots", "profiling", "tokenizer", "train", "world")
 
 
 def __getattr__(name: str):
@@ -37,3 +40,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'minidpo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # tab completion shows the lazy names too
+    return sorted([*globals(), *_LAZY, *_SUBMODULES])
