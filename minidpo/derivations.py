@@ -82,6 +82,12 @@ def is_zero(expression: sp.Expr) -> bool:
     return sp.simplify(expression) == 0
 
 
+def _follows(label: str, new, previous, symbols, how: str) -> "Step":
+    """The plain sympy step: ``label`` holds when new(s) - previous(s) simplifies to 0 on ``symbols()``."""
+    s = symbols()
+    return Step(label, is_zero(new(s) - previous(s)), "sympy", how)
+
+
 # ==============================================================================================================
 # Derivation 1: the optimal policy of the KL-regularised objective
 
@@ -299,9 +305,8 @@ def check_dpo_deriv_6() -> Step:
 
 @functools.cache
 def check_dpo_deriv_7() -> Step:
-    s = point_symbols()
-    return Step("eq:dpo_deriv_7", is_zero(dpo_deriv_7(s) - dpo_deriv_6(s)), "sympy",
-                "exact: adds log Z - log Z = 0")
+    return _follows("eq:dpo_deriv_7", dpo_deriv_7, dpo_deriv_6, point_symbols,
+                    "exact: adds log Z - log Z = 0")
 
 
 @functools.cache
@@ -312,16 +317,14 @@ def check_dpo_deriv_8() -> Step:
 
 @functools.cache
 def check_dpo_deriv_9() -> Step:
-    s = point_symbols()
-    return Step("eq:dpo_deriv_9", is_zero(dpo_deriv_9(s) - dpo_deriv_8(s)), "sympy",
-                "exact: log a + log Z = log(a Z) = log(a / (1/Z)), for positive a and Z")
+    return _follows("eq:dpo_deriv_9", dpo_deriv_9, dpo_deriv_8, point_symbols,
+                    "exact: log a + log Z = log(a Z) = log(a / (1/Z)), for positive a and Z")
 
 
 @functools.cache
 def check_dpo_deriv_9_to_5() -> Step:
-    s = point_symbols()
-    return Step("eq:dpo_deriv_9 -> 5", is_zero(dpo_deriv_5_bracket(s) - dpo_deriv_9(s)), "sympy",
-                "exact: r/beta = log exp(r/beta) folded into the same log gives the bracket of (5), any Z > 0")
+    return _follows("eq:dpo_deriv_9 -> 5", dpo_deriv_5_bracket, dpo_deriv_9, point_symbols,
+                    "exact: r/beta = log exp(r/beta) folded into the same log gives the bracket of (5), any Z > 0")
 
 
 @functools.cache
@@ -540,24 +543,21 @@ def check_dpo_loss_deriv0() -> Step:
 
 @functools.cache
 def check_dpo_loss_deriv1() -> Step:
-    s = pair_symbols()
-    return Step("eq:dpo_loss_deriv1", is_zero(dpo_loss_deriv1(s) - dpo_loss_deriv0(s)), "sympy",
-                "exact: the common factor exp(beta log Z) = Z^beta cancels (the text says e^{log Z}); needs "
-                "both responses to share the prompt x")
+    return _follows("eq:dpo_loss_deriv1", dpo_loss_deriv1, dpo_loss_deriv0, pair_symbols,
+                    "exact: the common factor exp(beta log Z) = Z^beta cancels (the text says e^{log Z}); needs "
+                    "both responses to share the prompt x")
 
 
 @functools.cache
 def check_dpo_loss_deriv2() -> Step:
-    s = pair_symbols()
-    return Step("eq:dpo_loss_deriv2", is_zero(dpo_loss_deriv2(s) - dpo_loss_deriv1(s)), "sympy",
-                "exact: numerator and denominator times exp(-a1)")
+    return _follows("eq:dpo_loss_deriv2", dpo_loss_deriv2, dpo_loss_deriv1, pair_symbols,
+                    "exact: numerator and denominator times exp(-a1)")
 
 
 @functools.cache
 def check_dpo_loss_deriv3() -> Step:
-    s = pair_symbols()
-    return Step("eq:dpo_loss_deriv3", is_zero(dpo_loss_deriv3(s) - dpo_loss_deriv2(s)), "sympy",
-                "exact: sigma(u) = 1 / (1 + exp(-u))")
+    return _follows("eq:dpo_loss_deriv3", dpo_loss_deriv3, dpo_loss_deriv2, pair_symbols,
+                    "exact: sigma(u) = 1 / (1 + exp(-u))")
 
 
 @functools.cache
