@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: demo test test-fast notebooks lab bench clean venv
+.PHONY: demo test test-fast notebooks figures lab bench clean venv
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,12 @@ test-fast: $(VENV)/.installed
 notebooks: $(VENV)/.installed
 	cd notebooks && for nb in 0*.ipynb; do \
 		../$(BIN)/jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
+
+# The only command that rewrites the tracked figures/ (the README's pictures): the notebooks and the demo, with
+# MINIDPO_FIGURES pointing there. Otherwise figures go to runs/figures (ignored), and `git status` stays clean.
+figures: $(VENV)/.installed
+	MINIDPO_FIGURES=$(CURDIR)/figures $(MAKE) notebooks
+	MINIDPO_FIGURES=$(CURDIR)/figures $(BIN)/minidpo demo --output-dir runs/demo-figures --overwrite
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab notebooks

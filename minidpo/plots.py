@@ -5,10 +5,16 @@ Nothing here computes: the numbers come from ``train`` (metric histories) and ``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+# Slide-ready everywhere: no text under 10 pt, and legends placed where they cover the fewest points.
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 10,
+                     "ytick.labelsize": 10, "legend.fontsize": 10, "legend.loc": "best", "svg.hashsalt": "minidpo"})
 
 COLORS = {"chosen": "tab:green", "rejected": "tab:red", "reference": "tab:gray", "policy": "tab:blue"}
 
@@ -91,12 +97,33 @@ def plot_reward_comparison(reference_rewards: Sequence[float], policy_rewards: S
 
 
 def save(fig, *paths) -> list[str]:
-    """Save one figure to several places (the run folder and figures/); return the paths written."""
+    """Save one figure to several places; return the paths written. A ``.png`` path gets an ``.svg`` beside it
+    (slides want vectors, GitHub wants the PNG)."""
     written = []
     for p in paths:
+        p = Path(p)
+        p.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(p, dpi=110, bbox_inches="tight")
         written.append(str(p))
+        if p.suffix == ".png":
+            fig.savefig(p.with_suffix(".svg"), bbox_inches="tight")
+            written.append(str(p.with_suffix(".svg")))
     return written
+
+
+FIGURES_ENV = "MINIDPO_FIGURES"  # set by `make figures` to the repository's figures/
+
+
+def figures_dir() -> Path:
+    """Where notebooks and the demo put figures: ``$MINIDPO_FIGURES`` when set (``make figures`` points it at
+    the tracked ``figures/``), else ``runs/figures`` (ignored by git), so running the course never rewrites a
+    tracked file."""
+    return Path(os.environ.get(FIGURES_ENV) or "runs/figures")
+
+
+def save_figure(fig, name: str) -> list[str]:
+    """Save ``fig`` as ``figures_dir()/name.png`` and ``.svg``; return the paths written."""
+    return save(fig, figures_dir() / f"{name}.png")
 
 
 # ---------------------------------------------------------------------------------------- the variants (06)
@@ -112,7 +139,7 @@ def _variant_colors(names: Sequence[str]) -> dict[str, object]:
     return {name: VARIANT_COLORS.get(name, cmap(i % 10)) for i, name in enumerate(names)}
 
 
-def _label_points(ax, items: list[tuple[str, float, float, object]], fontsize: int = 8) -> None:
+def _label_points(ax, items: list[tuple[str, float, float, object]], fontsize: int = 10) -> None:
     """Write each label to the right of its point, nudged down where it would overlap one already written.
 
     Points that coincide (two objectives that trained to the same numbers) share one label, "A = B".
@@ -213,7 +240,7 @@ def plot_logprob_shift(shifts: dict[str, dict], ax=None, title: str | None = Non
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("nats (summed over the completion)")
     ax.set_title(title or "What each objective does to the chosen and the rejected")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
@@ -241,7 +268,7 @@ def plot_length_shift(lengths: dict[str, tuple[float, float]], reference_length:
     ax.set_yticks(y, names)
     ax.set_xlabel("mean answer length on held-out prompts (words)")
     ax.set_title(title or "Answer length under two labellers")
-    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    ax.legend(frameon=False, fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
@@ -272,7 +299,7 @@ def plot_probability_paths(paths: dict[str, Sequence[float]], targets: dict[str,
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title or "")
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines fill the axes
+    ax.legend(frameon=False, fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines fill the axes
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
@@ -296,14 +323,14 @@ def plot_margin_paths(histories: dict[str, list[dict]], betas: dict[str, float],
             if i == 0 and stops and name in stops:
                 ax.axhline(stops[name], color=colors[name], ls="--", lw=1.2)
                 ax.annotate(f"{name} stops at {stops[name]:.3g}", (0, stops[name]), textcoords="offset points",
-                            xytext=(2, 3), fontsize=8, color=colors[name])
+                            xytext=(2, 3), fontsize=10, color=colors[name])
         ax.axhline(0, color="0.4", lw=1, ls=":")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("margin h on the batch (nats)")
     axes[0].set_title("against where each objective stops", fontsize=10)
     axes[1].set_title("zoomed in", fontsize=10)
-    axes[1].legend(frameon=False, fontsize=8, ncol=2)
+    axes[1].legend(frameon=False, fontsize=10, ncol=2)
     fig.suptitle(title or "How far each objective pushes the margin")
     fig.tight_layout()
     return fig
@@ -334,7 +361,7 @@ def plot_log_ratio_trace(steps: Sequence[float], chosen: Sequence[float], reject
     ax.set_xlabel(xlabel)
     ax.set_ylabel("nats relative to π_ref")
     ax.set_title(title or "Chosen and rejected log-probabilities during DPO")
-    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    ax.legend(frameon=False, fontsize=10, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -361,7 +388,7 @@ def plot_mass_shift(masses: dict[str, dict[str, float]], ax=None, title: str | N
         ax.barh(y, widths, left=left, color=color, alpha=0.85, edgecolor="white", label=MASS_LABELS.get(g, g))
         for yy, lo, wd in zip(y, left, widths):
             if wd > 0.06:
-                ax.text(lo + wd / 2, yy, f"{wd:.2f}", ha="center", va="center", fontsize=8, color="white")
+                ax.text(lo + wd / 2, yy, f"{wd:.2f}", ha="center", va="center", fontsize=10, color="white")
         left += widths
     ax.set_yticks(y, names)
     ax.set_xlim(0, 1)
@@ -369,7 +396,7 @@ def plot_mass_shift(masses: dict[str, dict[str, float]], ax=None, title: str | N
     ax.set_title(title or "Where the probability goes")
     longest = max(len(g) for g in groups)
     ncol = min(len(groups), 6 if longest <= 12 else 3 if longest <= 24 else 1)  # long labels: fewer columns
-    ax.legend(frameon=False, fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    ax.legend(frameon=False, fontsize=10, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     fig.tight_layout()
     return fig
 
@@ -391,7 +418,7 @@ def plot_mass_over_steps(masses: Sequence[dict[str, float]], steps: Sequence[flo
     ax.set_xlabel("step")
     ax.set_ylabel("probability mass")
     ax.set_title(title or "Where the probability goes during training")
-    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    ax.legend(frameon=False, fontsize=10, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -417,14 +444,14 @@ def plot_response_probs(names: Sequence[str], probs: dict[str, Sequence[float]],
             if hatched:
                 bar.set_hatch("///")
                 bar.set_edgecolor("white")
-    ax.set_xticks(x, [f"{n}*" if m else n for n, m in zip(names, mask)], rotation=60, fontsize=8)
+    ax.set_xticks(x, [f"{n}*" if m else n for n, m in zip(names, mask)], rotation=60, fontsize=10)
     if log:
         ax.set_yscale("log")
         ax.set_ylim(ymin, 30)  # headroom above 1 for the legend
     ax.set_ylabel("probability" + ("  (log scale)" if log else ""))
     ax.set_xlabel(f"response  (* and hatched: {highlight_label})" if mask.any() else "response")
     ax.set_title(title or "")
-    ax.legend(frameon=False, fontsize=8, loc="upper right", ncol=len(labels))
+    ax.legend(frameon=False, fontsize=10, loc="upper right", ncol=len(labels))
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
@@ -461,7 +488,7 @@ def plot_frontier(paths: dict[str, Sequence[dict]], points: dict[str, dict] | No
                 lw=1.2, label="best-of-n at log n − (n−1)/n", zorder=3)
         for r in best_of_n[1:] if best_of_n[0]["n"] == 1 else best_of_n:  # n = 1 is pi_ref itself
             ax.annotate(f"n={r['n']}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(-4, 6),
-                        fontsize=7, color="0.15", ha="right")
+                        fontsize=10, color="0.15", ha="right")
     if reference is not None:
         ax.plot([0], [reference["reward"]], "s", ms=8, color=COLORS["reference"], markeredgecolor="black",
                 label="π_ref", zorder=6)
@@ -470,7 +497,7 @@ def plot_frontier(paths: dict[str, Sequence[dict]], points: dict[str, dict] | No
     ax.set_xlabel(f"KL(π ‖ π_ref), nats per completion  (symlog: linear below {linthresh:g})")
     ax.set_ylabel("mean true reward (held-out prompts)")
     ax.set_title(title or "Reward against KL: the frontier")
-    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(frameon=False, fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
@@ -507,7 +534,7 @@ def plot_overoptimization(steps: Sequence[float], true_reward: Sequence[float], 
     right.plot(steps, implicit, "s--", color="tab:orange", lw=2, label=implicit_label)
     right.set_ylabel(implicit_label, color="tab:orange")
     lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")] + right.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=8, loc="upper left")
+    ax.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=10, loc="upper left")
     ax.set_title(title or "Over-optimization")
     ax.grid(alpha=0.3)
     if two:
@@ -524,6 +551,6 @@ def plot_overoptimization(steps: Sequence[float], true_reward: Sequence[float], 
             right2.set_ylim(0, 1.02)
             right2.set_ylabel("fraction grammatical", color="tab:green")
             lines = lines + right2.get_lines()
-        ax2.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=8, loc="center right")
+        ax2.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=10, loc="center right")
     fig.tight_layout()
     return fig
