@@ -39,6 +39,8 @@ class ModelConfig:
     n_layer: int = 2
     n_head: int = 4
     n_positions: int = 64  # the world's longest review is well under 64 tokens
+    activation_function: str = "gelu_pytorch_tanh"  # the same tanh GELU as GPT-2's "gelu_new" in one kernel:
+                                                    # 11-21% faster steps (notes/performance.md)
 
 
 @dataclass
