@@ -66,19 +66,27 @@ def score_completions(model, prompt_ids: Sequence[Sequence[int]], completion_ids
     device = _device(model)
     out = []
     for start in range(0, len(prompt_ids), batch_size):
-        rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
-        width = max(len(p) + len(c) for p, c in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (p, c) in enumerate(rows):
-            n = len(p) + len(c)
-            input_ids[r, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
-            attention[r, :n] = 1
-            labels[r, len(p):n] = torch.tensor(list(c), dtype=torch.long)
-        logps = completion_logps(model, input_ids.to(device), attention.to(device), labels.to(device))
+        batch = pack_completions(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size],
+                                 pad_token_id)
+        logps = completion_logps(model, *(t.to(device) for t in batch))
         out.append(logps.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def pack_completions(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                     pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (N, T): prompt + completion right-padded, labels -100 except
+    on the completion's tokens, what ``logps.completion_logps`` takes (here and in ``minidpo.online``)."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)  # (N, T)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)  # (N, T)
+    labels = torch.full((len(prompt_ids), width), IGNORE_INDEX, dtype=torch.long)  # (N, T)
+    for r, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        n = len(p) + len(c)
+        input_ids[r, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attention[r, :n] = 1
+        labels[r, len(p):n] = torch.tensor(list(c), dtype=torch.long)
+    return input_ids, attention, labels
 
 
 def sample_and_score(model, tokenizer, prompts: Sequence[str], n_samples: int = 1, max_new_tokens: int = 24,
@@ -275,6 +283,7 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
         "grammatical": sum(world.is_grammatical(p + c, 2, 4) for p, c in flat) / len(flat),
         "n": len(flat),
         "rewards": rewards,  # per sample, for histograms
+        "completions": [c for _, c in flat],  # per sample: to score them again with another reward
         "samples": [f"{p} →{c}" for p, c in flat[:n_show]],
     }
 
