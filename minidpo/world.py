@@ -427,3 +427,47 @@ def save_pairs_jsonl(dataset, path: str | os.PathLike) -> str:
         for row in dataset:
             f.write(json.dumps({c: row[c] for c in columns}, ensure_ascii=False) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------------------------- gold reward
+
+# A completion finishes the prompt's second sentence ("[INTENSIFIER] ADJECTIVE .") and adds up to two more
+# sentences: exactly the completions for which is_grammatical(prompt + completion, 2, 4) holds.
+_CONTINUATION = (rf" (?:(?:{'|'.join(INTENSIFIERS)}) )?(?:{'|'.join(ADJECTIVES)}) \.(?: {_SENTENCE}){{0,2}}")
+
+
+def completion_is_grammatical(completion: str) -> bool:
+    """Whether `completion` continues any prompt of the world into a review of the grammar (2-4 sentences)."""
+    return re.fullmatch(_CONTINUATION, completion) is not None
+
+
+def repeated_words(completion: str) -> int:
+    """Occurrences of an adjective already used earlier in `completion` ("great . the cast is great ." has 1)."""
+    seen: set[str] = set()
+    repeats = 0
+    for word in _WORD.findall(completion.lower()):
+        if word in ADJECTIVES:
+            repeats += word in seen
+            seen.add(word)
+    return repeats
+
+
+def gold_reward(completion: str, repeat_penalty: float = 1.0, grammar_penalty: float = 2.0) -> float:
+    """The gold reward of the over-optimisation world: what we want, of which the labeller sees only a part.
+
+        gold(y) = reward(y) - repeat_penalty * repeated_words(y) - grammar_penalty * [y leaves the grammar]
+
+    The labeller still judges by `reward` alone (positive minus negative words), so `reward` is a proxy: a
+    policy can raise it by repeating praise or by leaving the language, and the gold reward then falls. This is
+    the setting of Gao et al. 2022 ("Scaling laws for reward model overoptimization") and of Rafailov et al.
+    2024 for direct alignment algorithms, with a gold reward that is a formula instead of a larger model.
+
+    >>> gold_reward(" great . the cast is great .")   # reward 2, one repeat
+    1.0
+    >>> gold_reward(" great great great")             # reward 3, two repeats, not a sentence of the grammar
+    -1.0
+    """
+    if not repeat_penalty >= 0 or not grammar_penalty >= 0:
+        raise ValueError(f"penalties must be >= 0, got {repeat_penalty} and {grammar_penalty}")
+    ungrammatical = not completion_is_grammatical(completion)
+    return reward(completion) - repeat_penalty * repeated_words(completion) - grammar_penalty * ungrammatical
