@@ -126,3 +126,26 @@ def _parse_dtype(dtype):
     if isinstance(dtype, str) and dtype.lower() in names:
         return names[dtype.lower()]
     raise ValueError(f"dtype must be one of {', '.join(sorted(names))} or a torch.dtype, got {dtype!r}")
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every ``nn.Dropout``'s probability to 0 (in place), as TRL's ``DPOConfig(disable_dropout=True)``.
+
+    DPO compares pi with pi_ref on the same tokens; with dropout on, pi is scored in train mode (random masks)
+    and pi_ref in eval mode, so even at step 0, where pi = pi_ref, the loss is not ln 2 nor the margin 0.
+    GPT-2 from the Hub has dropout 0.1; the course's tiny GPT-2 has 0 already.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """How many positions the model has (GPT-2's ``n_positions``, else ``max_position_embeddings``), or None."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
