@@ -203,16 +203,22 @@ class PreferencePairs:
         return counts.reshape(n_prompts, n_responses, n_responses)
 
 
-def sample_pairs(world: ExactWorld, n_pairs: int, seed: int = 0, deterministic: bool = False) -> PreferencePairs:
+def sample_pairs(world: ExactWorld, n_pairs: int, seed: int = 0, deterministic: bool = False,
+                 flip_rate: float = 0.0) -> PreferencePairs:
     """Draw preference pairs the way the DPO paper builds its data: x ~ d(x), two different responses from
     pi_ref(.|x), then a label. Bradley-Terry labels (eq:bradley_terry_dpo): y1 wins with probability
     sigma(r(x,y1) - r(x,y2)). ``deterministic=True``: the higher reward always wins (the setting where IPO's
     authors show DPO overfits).
 
     The two responses are distinct (a pair of identical responses carries no information and no gradient).
+    ``flip_rate`` = eps: then each label is flipped with probability eps, on top of Bradley-Terry or of the
+    deterministic labels (the noise model of cDPO and robust DPO). The flips use their own random stream, so
+    the same seed gives the same pairs and clean labels whatever eps is; only the flipped ones differ.
     """
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    if not 0.0 <= flip_rate < 0.5:
+        raise ValueError(f"flip_rate must be in [0, 0.5), got {flip_rate}")
     gen = torch.Generator().manual_seed(seed)
     prompt = _sample_rows(world.prompt_probs.expand(n_pairs, -1), gen)
     ref = world.reference_probs[prompt].to(DTYPE)  # (n, K)
@@ -225,6 +231,9 @@ def sample_pairs(world: ExactWorld, n_pairs: int, seed: int = 0, deterministic: 
         first_wins = r_first > r_second
     else:
         first_wins = torch.rand(n_pairs, generator=gen, dtype=DTYPE) < torch.sigmoid(r_first - r_second)
+    if flip_rate > 0:
+        flip_gen = torch.Generator().manual_seed(seed + 7_919)  # a stream of its own: the clean labels stay put
+        first_wins = first_wins ^ (torch.rand(n_pairs, generator=flip_gen, dtype=DTYPE) < flip_rate)
     chosen = torch.where(first_wins, first, second)
     rejected = torch.where(first_wins, second, first)
     return PreferencePairs(prompt=prompt, chosen=chosen, rejected=rejected)

@@ -197,3 +197,15 @@ def kto_loss(
         desirable, torch.full_like(value, desirable_weight), torch.full_like(value, undesirable_weight)
     )
     return weight - value, beta * logratios.detach()
+
+
+def kto_reference_point(mismatched_policy_logps: torch.Tensor, mismatched_reference_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 = max(0, mean over mismatched pairs of log pi_theta(y'|x) - log pi_ref(y'|x)),
+    detached (Ethayarajh et al. 2024, sec. 4.1: y' is another example's output, so (x, y') is a mismatched pair).
+
+    On matched pairs (each y drawn for its own x) the same mean estimates E log pi/pi_ref over the data; where the
+    data are pi_ref's samples that is -KL(pi_ref || pi) <= 0, so it would clamp to 0 almost always.
+    """
+    _check_logps(mismatched_policy_logps=mismatched_policy_logps,
+                 mismatched_reference_logps=mismatched_reference_logps)
+    return (mismatched_policy_logps - mismatched_reference_logps).detach().mean().clamp(min=0)

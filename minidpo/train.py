@@ -36,7 +36,7 @@ from transformers import SchedulerType, get_scheduler
 
 from .data import PreferenceCollator, tokenize_preferences
 from .logps import IGNORE_INDEX, completion_logps, concatenated_forward
-from .losses import LOSS_TYPES, kto_loss, orpo_loss, preference_loss, simpo_loss
+from .losses import LOSS_TYPES, kto_loss, kto_reference_point, orpo_loss, preference_loss, simpo_loss
 from .models import disable_dropout, max_positions, pick_device
 from .runs import (CHECKPOINT, RUN_MARKER, DamagedFile,  # noqa: F401 (RUN_MARKER re-exported)
                     checkpoint_step, cut_metrics, find_checkpoint, load_verified,
@@ -44,12 +44,6 @@ from .runs import (CHECKPOINT, RUN_MARKER, DamagedFile,  # noqa: F401 (RUN_MARKE
 
 TRAIN_LOSSES = (*LOSS_TYPES, "simpo", "orpo", "kto")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # these never look at pi_ref
-CACHE_ENV = "MINIDPO_CACHE_DIR"  # where reference log-probs (and the synthetic world) are cached
-
-
-def default_cache_dir() -> str:
-    """``$MINIDPO_CACHE_DIR`` when set, else ``.cache/minidpo`` in the current folder."""
-    return os.environ.get(CACHE_ENV) or ".cache/minidpo"
 
 
 class TrainingDiverged(RuntimeError):
@@ -429,11 +423,16 @@ def batch_loss(model, batch: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
         chosen_rewards = cfg.beta * out["chosen_avg_logps"].detach()
         rejected_rewards = cfg.beta * out["rejected_avg_logps"].detach()
     elif cfg.loss_type == "kto":
-        # Unpaired: each pair gives one desirable and one undesirable example. z0 is the batch's mean
-        # log-ratio, detached and clamped at 0 (the paper estimates it on mismatched (x, y') pairs).
+        # Unpaired: each pair gives one desirable and one undesirable example. z0 is estimated as in the KTO
+        # paper (Ethayarajh et al. 2024, sec. 4.1) on MISMATCHED (x, y') pairs: batch["kl"] holds each row's
+        # prompt with another row's completions (kto_mismatched_features), ref["kl_*"] their reference log-probs.
+        # (The batch's own pairs would estimate -KL(pi_ref || pi) <= 0, clamped to 0 almost always.)
         policy, reference = torch.cat([pc, pr]), torch.cat([ref["chosen"], ref["rejected"]])  # (2B,)
         desirable = torch.arange(policy.shape[0], device=policy.device) < pc.shape[0]
-        z0 = (policy - reference).detach().mean().clamp(min=0)
+        with torch.no_grad():
+            mismatched = concatenated_forward(model, batch["kl"])
+        z0 = kto_reference_point(torch.cat([mismatched["chosen_logps"], mismatched["rejected_logps"]]),
+                                 torch.cat([ref["kl_chosen"], ref["kl_rejected"]]))
         losses, rewards = kto_loss(policy, reference, desirable, z0, beta=cfg.beta)
         chosen_rewards, rejected_rewards = rewards[: pc.shape[0]], rewards[pc.shape[0]:]
     else:
@@ -451,7 +450,33 @@ def batch_loss(model, batch: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
         "logps/chosen": pc.detach().mean(),
         "logps/rejected": pr.detach().mean(),
     }
+    if cfg.loss_type == "kto":
+        metrics["kl"] = z0  # TRL's name for KTO's logged reference point
     return loss, metrics
+
+
+def kto_mismatched_features(features: list[dict]) -> list[dict]:
+    """KTO's mismatched pairs: row i keeps its prompt and takes the completions of row i + 1 (the last row takes
+    row 0's), tokenized like ``features`` (prompt labels -100). KTO's reference point z0 is the mean log-ratio on
+    these (x, y') pairs (Ethayarajh et al. 2024, sec. 4.1; TRL's KTOTrainer shifts completions the same way)."""
+    if len(features) < 2:
+        raise ValueError("KTO needs at least 2 rows to mismatch prompts and completions")
+
+    def split(ids, labels):
+        n_prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        return ids[:n_prompt], ids[n_prompt:]
+
+    rows = []
+    for i, row in enumerate(features):
+        other = features[(i + 1) % len(features)]
+        new = {}
+        for side in ("chosen", "rejected"):
+            prompt, _ = split(row[f"{side}_input_ids"], row[f"{side}_labels"])
+            _, completion = split(other[f"{side}_input_ids"], other[f"{side}_labels"])
+            new[f"{side}_input_ids"] = list(prompt) + list(completion)
+            new[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + list(completion)
+        rows.append(new)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,7 +523,12 @@ def prepare_reference(model, ref_model, data: PreparedData, cfg: DPOConfig, devi
                              "resume with the run's own --data, or start afresh with --overwrite")
         return ref, None
     reference = ref_model.to(device) if ref_model is not None else model
-    return cached_reference_logps(reference, data.features, data.collator, cfg, device, log), None
+    ref = cached_reference_logps(reference, data.features, data.collator, cfg, device, log)
+    if cfg.loss_type == "kto":  # and of KTO's mismatched pairs, for its reference point z0
+        mismatched = cached_reference_logps(reference, kto_mismatched_features(data.features), data.collator,
+                                            cfg, device, log)
+        ref.update({f"kl_{k}": v for k, v in mismatched.items()})
+    return ref, None
 
 
 def new_state(model, cfg: DPOConfig, total_steps: int, device: torch.device) -> TrainState:
@@ -638,6 +668,7 @@ def _loop(state: TrainState, data: PreparedData, ref_all, live_ref, cfg: DPOConf
     model.train()
     t0 = time.perf_counter()
     order, order_epoch = [], -1
+    kl_features = None  # KTO only: the mismatched pairs, built on first use
     bar = tqdm(total=data.total_steps, initial=state.step, desc=f"DPO ({cfg.loss_type})",
                disable=not cfg.show_progress or rank != 0)
     try:
@@ -650,6 +681,9 @@ def _loop(state: TrainState, data: PreparedData, ref_all, live_ref, cfg: DPOConf
                     order, order_epoch = _batch_order(len(data.features), cfg.batch_size, cfg.seed, epoch), epoch
                 rows = order[index][rank * data.per_process:(rank + 1) * data.per_process]  # this process's share
                 batch = _to(data.collator([data.features[i] for i in rows]), device)
+                if cfg.loss_type == "kto":  # KTO's mismatched (x, y') pairs of these rows, for z0
+                    kl_features = kl_features or kto_mismatched_features(data.features)
+                    batch["kl"] = _to(data.collator([kl_features[i] for i in rows]), device)
                 ref = None
                 if ref_all is not None:
                     ref = {k: v[rows].to(device) for k, v in ref_all.items()}
@@ -657,6 +691,10 @@ def _loop(state: TrainState, data: PreparedData, ref_all, live_ref, cfg: DPOConf
                     with torch.no_grad(), autocast:
                         r = concatenated_forward(live_ref, batch)
                     ref = {"chosen": r["chosen_logps"], "rejected": r["rejected_logps"]}
+                    if cfg.loss_type == "kto":
+                        with torch.no_grad(), autocast:
+                            r = concatenated_forward(live_ref, batch["kl"])
+                        ref.update({"kl_chosen": r["chosen_logps"], "kl_rejected": r["rejected_logps"]})
 
                 row = _update(state, policy, batch, ref, cfg, autocast, processes, data, out, tokenizer)
                 history.append(row)

@@ -337,7 +337,7 @@ def preference_probability(text_a: str, text_b: str, bt_scale: float = 1.0, leng
 
 def label_pairs(prompts: list[str], completions: list[list[str]], cfg: WorldConfig | None = None, *,
                 bt_scale: float | None = None, length_bonus: float | None = None, seed: int | None = None,
-                reward_fn=None):
+                reward_fn=None, flip_rate: float = 0.0):
     """Label pairs of completions with the Bradley–Terry labeller; return a `datasets.Dataset`.
 
     For prompt i, completions[i][0] is paired with completions[i][1], [2] with [3], and so on (an odd last
@@ -349,6 +349,11 @@ def label_pairs(prompts: list[str], completions: list[list[str]], cfg: WorldConf
     Columns: prompt, chosen, rejected (strings: the format `minidpo.data` and `minidpo train` read),
     chosen_reward, rejected_reward (the true rewards), p_chosen (the probability the labeller had of making
     the choice it made). The same seed gives the same labels.
+
+    ``flip_rate`` = eps adds label noise at a known rate on top of the labeller: after the labeller chooses,
+    the label is flipped with probability eps (the noise model that cDPO and robust DPO assume, Mitchell 2023;
+    Chowdhury et al. 2024). So P(a wins) = (1 - eps) P_BT(a > b) + eps (1 - P_BT(a > b)); with bt_scale = 0
+    the labeller is deterministic and eps is the only noise. p_chosen is this overall probability.
     """
     import datasets
 
@@ -359,6 +364,8 @@ def label_pairs(prompts: list[str], completions: list[list[str]], cfg: WorldConf
     reward_fn = reward_fn or reward
     if not bt_scale >= 0:
         raise ValueError(f"bt_scale must be >= 0, got {bt_scale}")
+    if not 0.0 <= flip_rate < 0.5:
+        raise ValueError(f"flip_rate must be in [0, 0.5), got {flip_rate}")
     if len(prompts) != len(completions):
         raise ValueError(f"label_pairs: {len(prompts)} prompts but {len(completions)} lists of completions")
 
@@ -372,6 +379,8 @@ def label_pairs(prompts: list[str], completions: list[list[str]], cfg: WorldConf
             if a == b or not a.strip() or not b.strip():  # nothing to prefer, or nothing to train on
                 continue
             p_a = preference_probability(a, b, bt_scale, length_bonus, reward_fn)
+            if flip_rate:  # the label is flipped with probability eps after the labeller chose
+                p_a = (1.0 - flip_rate) * p_a + flip_rate * (1.0 - p_a)
             a_wins = rng.random() < p_a
             chosen, rejected, p = (a, b, p_a) if a_wins else (b, a, 1.0 - p_a)
             rows["prompt"].append(prompt)

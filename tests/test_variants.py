@@ -156,3 +156,85 @@ def test_margin_paths_and_coinciding_frontier_points():
     texts = sorted(t.get_text() for t in fig.axes[0].texts)
     assert texts == ["DPO", "KTO = APO-zero"]
     plt.close("all")
+
+
+# label flips at a known rate (noise models of cDPO / robust DPO) ------------------------------------------------
+
+def test_sample_pairs_flip_rate_flips_that_fraction_and_keeps_the_clean_draw():
+    world = B.make_world(n_prompts=3, n_responses=5, seed=0)
+    clean = B.sample_pairs(world, 20_000, seed=3, deterministic=True)
+    noisy = B.sample_pairs(world, 20_000, seed=3, deterministic=True, flip_rate=0.2)
+    assert torch.equal(clean.prompt, noisy.prompt)  # same prompts and responses: only labels differ
+    flipped = (clean.chosen != noisy.chosen).double().mean().item()
+    assert flipped == pytest.approx(0.2, abs=0.01)
+    assert torch.equal(B.sample_pairs(world, 500, seed=3, flip_rate=0.0).chosen,
+                       B.sample_pairs(world, 500, seed=3).chosen)  # eps = 0 is the old labeller
+    with pytest.raises(ValueError, match="flip_rate"):
+        B.sample_pairs(world, 10, flip_rate=0.5)
+
+
+def test_label_pairs_flip_rate_on_deterministic_labels():
+    from minidpo import world as W
+
+    prompts = ["review : the film was great . the plot is"] * 4000
+    completions = [[" good .", " bad ."]] * 4000  # rewards +1 and -1
+    clean = W.label_pairs(prompts, completions, bt_scale=0)
+    noisy = W.label_pairs(prompts, completions, bt_scale=0, flip_rate=0.25)
+    assert W.label_noise(clean)["measured"] == 0.0
+    assert W.label_noise(noisy)["measured"] == pytest.approx(0.25, abs=0.025)
+    assert W.label_noise(noisy)["expected"] == pytest.approx(0.25)  # p_chosen carries the flip
+    with pytest.raises(ValueError, match="flip_rate"):
+        W.label_pairs(prompts[:1], completions[:1], flip_rate=-0.1)
+
+
+# KTO's reference point on mismatched pairs ------------------------------------------------------------------------
+
+def test_kto_reference_point_by_hand_and_its_negative_control():
+    from minidpo.losses import kto_reference_point
+
+    policy = torch.tensor([-3.0, -5.0, -2.0, -6.0])
+    reference = torch.tensor([-4.0, -4.5, -2.5, -5.0])
+    # log-ratios +1, -0.5, +0.5, -1 -> mean 0; one more positive row -> mean 0.4
+    assert kto_reference_point(policy, reference).item() == pytest.approx(0.0)
+    assert kto_reference_point(torch.cat([policy, torch.tensor([-1.0])]),
+                               torch.cat([reference, torch.tensor([-3.0])])).item() == pytest.approx(0.4)
+    # clamped at 0, detached
+    assert kto_reference_point(reference, policy + 0.0).item() == pytest.approx(0.0)
+    lp = torch.tensor([-1.0, -1.0], requires_grad=True)
+    assert not kto_reference_point(lp, torch.tensor([-2.0, -3.0])).requires_grad
+
+
+def test_kto_mismatched_features_pair_each_prompt_with_the_next_rows_completions():
+    from minidpo.train import kto_mismatched_features
+
+    rows = [{"chosen_input_ids": [1, 2, 10, 11], "chosen_labels": [-100, -100, 10, 11],
+             "rejected_input_ids": [1, 2, 12], "rejected_labels": [-100, -100, 12]},
+            {"chosen_input_ids": [3, 20], "chosen_labels": [-100, 20],
+             "rejected_input_ids": [3, 21, 22], "rejected_labels": [-100, 21, 22]}]
+    out = kto_mismatched_features(rows)
+    assert out[0] == {"chosen_input_ids": [1, 2, 20], "chosen_labels": [-100, -100, 20],
+                      "rejected_input_ids": [1, 2, 21, 22], "rejected_labels": [-100, -100, 21, 22]}
+    assert out[1]["chosen_input_ids"] == [3, 10, 11] and out[1]["rejected_labels"] == [-100, 12]
+    # negative control: the matched rows give back the original pairs, which the estimator must not use
+    assert out[0]["chosen_input_ids"] != rows[0]["chosen_input_ids"]
+    with pytest.raises(ValueError, match="at least 2"):
+        kto_mismatched_features(rows[:1])
+
+
+def test_kto_training_logs_its_reference_point_from_mismatched_pairs():
+    """train_dpo's KTO logs z0 ("kl"); both with cached and with live reference log-probs it is the estimator on
+    the mismatched rows, so the two runs agree; z0 = 0 at step 0 (pi_theta = pi_ref: every log-ratio is 0)."""
+    from _fixtures import fresh_model, make_pairs
+    from minidpo.tokenizer import train_tokenizer
+    from minidpo.train import DPOConfig, train_dpo
+
+    pairs, corpus = make_pairs()
+    tok = train_tokenizer(corpus, model_max_length=64)
+    runs = []
+    for precompute in (True, False):
+        cfg = DPOConfig(loss_type="kto", beta=0.5, batch_size=8, lr=5e-3, max_steps=8, warmup_steps=2,
+                        cache_dir=None, show_progress=False, precompute_ref=precompute)
+        runs.append(train_dpo(fresh_model(tok), tok, pairs, cfg, log=lambda *a: None).history)
+    z0 = [[r["kl"] for r in h] for h in runs]
+    assert z0[0][0] == 0.0 and all(v >= 0 for v in z0[0])
+    torch.testing.assert_close(torch.tensor(z0[0]), torch.tensor(z0[1]), rtol=1e-4, atol=1e-5)
