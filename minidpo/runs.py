@@ -40,6 +40,14 @@ MANIFEST = "manifest.json"  # inside a checkpoint: step, and size + checksum of 
 _MAGIC = b"minidpo-verified-1\n"  # header of a file written by save_verified
 
 
+CACHE_ENV = "MINIDPO_CACHE_DIR"  # where reference log-probs (and the synthetic world) are cached
+
+
+def default_cache_dir() -> str:
+    """``$MINIDPO_CACHE_DIR`` when set, else ``.cache/minidpo`` in the current folder."""
+    return os.environ.get(CACHE_ENV) or ".cache/minidpo"
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (the CLI prints it as one ``error:`` line, exit 2)."""
 

@@ -39,7 +39,7 @@ from .logps import IGNORE_INDEX, completion_logps, concatenated_forward
 from .losses import LOSS_TYPES, kto_loss, kto_reference_point, orpo_loss, preference_loss, simpo_loss
 from .models import disable_dropout, max_positions, pick_device
 from .runs import (CHECKPOINT, RUN_MARKER, DamagedFile,  # noqa: F401 (RUN_MARKER re-exported)
-                    checkpoint_step, cut_metrics, find_checkpoint, load_verified,
+                    checkpoint_step, cut_metrics, default_cache_dir, find_checkpoint, load_verified,
                    locked, save_checkpoint, save_verified, update_marker)
 
 TRAIN_LOSSES = (*LOSS_TYPES, "simpo", "orpo", "kto")
@@ -124,7 +124,7 @@ class DPOConfig:
     max_length: int = 128  # prompt + completion tokens (never more than the model's positions)
     max_prompt_length: int | None = None  # default: max_length // 2
     precompute_ref: bool = True  # compute reference log-probs once, cache them, hold no reference model
-    cache_dir: str | None = field(default_factory=default_cache_dir)  # where reference log-probs are cached ($MINIDPO_CACHE_DIR or .cache/minidpo); None: no disk
+    cache_dir: str | None = field(default_factory=default_cache_dir)  # reference log-probs cache; $MINIDPO_CACHE_DIR
     save_every: int = 100  # with an output_dir, checkpoint every N steps (0: only at the end and on interrupt)
     disable_dropout: bool = True  # dropout off, as TRL's DPOConfig.disable_dropout: pi and pi_ref then score alike
     seed: int = 0  # data order
