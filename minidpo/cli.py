@@ -228,6 +228,49 @@ def cmd_world(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# minidpo grade
+# ---------------------------------------------------------------------------------------------------------
+
+def cmd_grade(args) -> int:
+    """Grade exercise notebooks (files, or folders of them): a table each; exit 0 only if every exercise passed."""
+    from . import grading
+
+    paths = []
+    for name in args.notebooks:
+        path = Path(name)
+        paths += sorted(path.glob("*.ipynb")) if path.is_dir() else [path]
+    if not paths:
+        raise UsageError(f"no .ipynb files in {', '.join(args.notebooks)}")
+    try:
+        for path in paths:  # check them all first: a typo fails at once, before minutes of grading
+            grading._read(path)
+    except ImportError as e:
+        raise UsageError(f"minidpo grade needs nbformat and nbclient ({e.name} is missing): "
+                         f"pip install -e '.[dev]'") from None
+    rows, all_passed = [], True
+    for path in paths:
+        print(f"== {path}")
+        try:
+            results = grading.run_in_process(path) if args.in_process else grading.grade_notebook(path, args.timeout)
+        except Exception as e:  # noqa: BLE001  (a kernel crash or a cell timeout fails this notebook only)
+            print(f"   could not grade it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            all_passed = False
+            continue
+        print(grading.format_table(results))
+        all_passed &= all(r.passed for r in results)
+        rows += [(str(path), r.number, r.title, r.passed, r.message) for r in results]
+    if args.csv:
+        import csv
+
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["notebook", "exercise", "title", "passed", "hint"])
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return 0 if all_passed else 1
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minidpo", description="Direct Preference Optimization, small enough to read.")
@@ -288,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     common(p)
     p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("grade", help="grade filled-in exercise notebooks: a row per exercise, exit 0 iff all pass")
+    p.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="exercise notebooks, or folders of them")
+    p.add_argument("--timeout", type=_positive_int, default=300, help="seconds per cell (default 300)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the cells in this process instead of a fresh kernel (faster for many notebooks)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write one row per notebook and exercise")
+    p.set_defaults(func=cmd_grade)
     return parser
 
 
