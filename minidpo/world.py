@@ -461,20 +461,23 @@ def repeated_words(completion: str) -> int:
     return repeats
 
 
-def gold_reward(completion: str, repeat_penalty: float = 1.0, grammar_penalty: float = 2.0) -> float:
+def gold_reward(completion: str, repeat_penalty: float = 2.0, grammar_penalty: float = 2.0) -> float:
     """The gold reward of the over-optimisation world: what we want, of which the labeller sees only a part.
 
         gold(y) = reward(y) - repeat_penalty * repeated_words(y) - grammar_penalty * [y leaves the grammar]
 
     The labeller still judges by `reward` alone (positive minus negative words), so `reward` is a proxy: a
-    policy can raise it by repeating praise or by leaving the language, and the gold reward then falls. This is
+    policy can raise it by repeating praise (a repeated word costs 2 and earns 1) or by leaving the language,
+    and the gold reward then falls. This is
     the setting of Gao et al. 2022 ("Scaling laws for reward model overoptimization") and of Rafailov et al.
     2024 for direct alignment algorithms, with a gold reward that is a formula instead of a larger model.
 
     >>> gold_reward(" great . the cast is great .")   # reward 2, one repeat
-    1.0
+    0.0
+    >>> gold_reward(" great . the cast is fun .")     # reward 2, no repeat
+    2.0
     >>> gold_reward(" great great great")             # reward 3, two repeats, not a sentence of the grammar
-    -1.0
+    -3.0
     """
     if not repeat_penalty >= 0 or not grammar_penalty >= 0:
         raise ValueError(f"penalties must be >= 0, got {repeat_penalty} and {grammar_penalty}")
