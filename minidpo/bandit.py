@@ -6,7 +6,7 @@ KL-regularised objective is known exactly:
 
     pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x),   Z(x) = sum_y pi_ref(y|x) exp(r(x, y) / beta)
 
-(book chapter ``seeds/000``, eq:dpo_opt_policy and eq:dpo_partition; DPO paper, Rafailov et al. 2023, Eq. 4).
+(the RLHF book's chapter "Direct Alignment Algorithms", eq:dpo_opt_policy and eq:dpo_partition; DPO paper, Rafailov et al. 2023, Eq. 4).
 A tabular policy -- one free logit per (prompt, response) -- trained with DPO or IPO on preference pairs drawn
 from a Bradley-Terry model can then be compared with pi* exactly, with no sampling error in the comparison.
 

@@ -36,3 +36,35 @@ def test_bad_arguments_raise_value_error():
         profiling.dpo_step_speed(modes=("live",))
     with pytest.raises(ValueError, match="name"):
         profiling.measure_in_subprocess("something_else")
+
+
+# minidpo.claims: the single set of verdicts ----------------------------------------------------------------------
+
+from minidpo import claims  # noqa: E402
+
+
+def test_every_record_is_complete_and_ids_are_unique():
+    ids = [c.id for c in claims.CLAIMS]
+    assert len(ids) == len(set(ids)) and ids == sorted(ids)
+    for c in claims.CLAIMS:
+        assert c.verdict in (*claims.VERDICTS, claims.PENDING), c.id
+        assert c.quotes and all(k in claims.SOURCES and q for k, q in c.quotes), c.id
+        assert c.claim and c.correction and c.evidence, c.id
+
+
+def test_verdicts_the_issue_rechecked():
+    assert claims.get("C43").verdict == claims.WRONG  # glossary: "increase the log-likelihood of the preferred"
+    assert claims.get("C13").verdict == claims.WRONG and "late" in claims.get("C13").correction
+    assert claims.get("C32").verdict == claims.WRONG
+    assert "sub-optimality" in claims.get("C30").correction
+    assert claims.get("C45").verdict == claims.PENDING  # measured in notebook 08
+
+
+def test_get_and_table():
+    assert claims.get("C12").sources == ["tutorial", "encyclopedia"]
+    assert "Nathan Lambert" in claims.get("C01").source
+    with pytest.raises(ValueError, match="no claim 'C99'"):
+        claims.get("C99")
+    table = claims.summary_table()
+    assert table.count("\n") == len(claims.CLAIMS) + 1 and "| C50 |" in table
+    assert sum(claims.counts().values()) == len(claims.CLAIMS)
