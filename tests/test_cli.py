@@ -73,7 +73,7 @@ def test_train_resume_continues_the_run(local, tmp_path, capsys):
     [
         (lambda a, l, t: a + ["--beta", "0"], "argument --beta: must be > 0, got 0"),
         (lambda a, l, t: a + ["--label-smoothing", "0.7"], r"must be in \[0, 0.5\), got 0.7"),
-        (lambda a, l, t: a + ["--loss", "dpo"], "argument --loss: invalid choice: 'dpo'"),
+        (lambda a, l, t: a + ["--loss", "dpoo"], "argument --loss: invalid choice: 'dpoo'"),
         (lambda a, l, t: [x if x != l / "model" else t / "missing" for x in a], "missing"),
         (lambda a, l, t: [x if x != l / "pairs.jsonl" else t / "nope.jsonl" for x in a], "nope.jsonl"),
         (lambda a, l, t: a + ["--batch-size", "500"], "batch_size 500 is larger than the 48 usable pairs"),
