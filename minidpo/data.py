@@ -32,7 +32,9 @@ the header is not a row). Malformed JSON is reported by line number.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -110,17 +112,50 @@ def _load_file(path: Path, name: str) -> datasets.Dataset:
         return _dataset_from_rows(_read_csv(path, name), name)
     if suffix == ".parquet":
         try:
-            return datasets.Dataset.from_parquet(str(path))
+            with _no_progress_bars():
+                return datasets.Dataset.from_parquet(str(path))
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise ValueError(f"{name}: could not be read as Parquet ({_first_line(error)})") from None
     raise ValueError(f"{name}: unsupported file type {suffix!r} (expected one of {', '.join(_SUFFIXES)})")
 
 
+def _not_utf8(name: str, data: bytes, error: UnicodeDecodeError, line_number: int | None = None) -> ValueError:
+    """The one-line error for a byte that is not UTF-8: file, line and the byte (not Python's codec message)."""
+    if line_number is None:
+        line_number = data.count(b"\n", 0, error.start) + 1
+    return ValueError(f"{name}, line {line_number}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the "
+                      "file as UTF-8")
+
+
+def _read_text(path: Path, name: str, encoding: str = "utf-8") -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(name, data, error) from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """datasets' "Generating train split" bars off while a local file is read: stderr is for errors."""
+    was_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
 def _read_jsonl(path: Path, name: str) -> list[Any]:
     """Parse a JSON-lines file line by line, so a bad line is reported by its number; blank lines skip."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(name, raw, error, line_number) from None
             if not line.strip():
                 continue
             try:
@@ -135,8 +170,7 @@ def _read_jsonl(path: Path, name: str) -> list[Any]:
 def _read_json(path: Path, name: str) -> list[Any]:
     """Parse a JSON file holding a list of records, a dict of equal-length columns, or {"key": [records]}."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(_read_text(path, name))
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{name}, line {error.lineno}: not valid JSON ({error.msg} at character {error.colno})"
@@ -158,7 +192,7 @@ def _read_json(path: Path, name: str) -> list[Any]:
 def _read_csv(path: Path, name: str) -> list[Row]:
     """Read a CSV file with a header row; every value stays a string (no guessing that "42" is a number)."""
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as handle:  # utf-8-sig drops a spreadsheet's BOM
+    with io.StringIO(_read_text(path, name, "utf-8-sig"), newline="") as handle:  # utf-8-sig drops a BOM
         reader = csv.reader(handle)
         try:
             header = next(reader, [])
@@ -180,7 +214,8 @@ def _load_folder(path: Path, name: str, split: str) -> datasets.Dataset:
     """Load a ``save_to_disk`` folder; any other folder is handed to ``load_dataset`` (a folder of files)."""
     saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     try:
-        loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+        with _no_progress_bars():
+            loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
     except Exception as error:  # datasets raises many types for an unreadable folder
         kind = "save_to_disk folder" if saved else "folder of data files"
         raise ValueError(f"{name}: could not be read as a {kind} ({_first_line(error)})") from None
@@ -434,9 +469,11 @@ def tokenize_preferences(
     so the prompt's ids are always a prefix of the full ids and the label mask is exact. The price: a BPE
     merge across the boundary (e.g. a prompt ending in a space) is never formed; rows where tokenizing
     prompt + completion jointly would have given other ids are counted in ``report.boundary_fixes``.
-    No special tokens are added (``add_special_tokens=False``) except what a chat template writes, and a
+    No special tokens are added (``add_special_tokens=False``) except what a chat template writes, a
     lone BOS as the prompt when the prompt is empty (so the first completion token still has a context
-    to be predicted from). EOS is appended to each completion unless it already ends with EOS, or (for
+    to be predicted from), and BOS before the prompt when the tokenizer puts one there at inference
+    (``tokenizer(prompt)`` starts with BOS, as Llama's does; GPT-2's does not): training then scores the
+    sequences that generation sees, as TRL does. EOS is appended to each completion unless it already ends with EOS, or (for
     conversational data) the chat template already closed the turn with it.
 
     Truncation policy, applied when prompt + the longer completion exceeds ``max_length``:
@@ -578,17 +615,31 @@ def _render(prompt: list[Any], chosen: list[Any], rejected: list[Any], tokenizer
     )
 
 
+def inference_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """BOS's id when ``tokenizer(text)`` (special tokens on, as at inference) puts BOS before the text, else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return int(bos) if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def _tokenize_chunk(texts: list[tuple[str, str, str]],
                     tokenizer: PreTrainedTokenizerBase) -> Iterable[tuple[tuple[list[int], ...], bool]]:
     """Yield each row's (prompt, chosen, rejected) ids, and whether joint tokenization would differ."""
     prompts, chosens, rejecteds = (list(column) for column in zip(*texts))
+    bos = inference_bos(tokenizer)
 
-    def encode(strings: list[str]) -> list[list[int]]:
-        return tokenizer(strings, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    def encode(strings: list[str], with_bos: bool = False) -> list[list[int]]:
+        ids = tokenizer(strings, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if with_bos and bos is not None:  # as tokenizer(prompt) at inference; a chat template may have written it
+            ids = [row if row[:1] == [bos] else [bos] + row for row in ids]
+        return ids
 
-    prompt_ids, chosen_ids, rejected_ids = encode(prompts), encode(chosens), encode(rejecteds)
-    joint_chosen = encode([p + c for p, c in zip(prompts, chosens)])
-    joint_rejected = encode([p + r for p, r in zip(prompts, rejecteds)])
+    prompt_ids, chosen_ids, rejected_ids = encode(prompts, True), encode(chosens), encode(rejecteds)
+    joint_chosen = encode([p + c for p, c in zip(prompts, chosens)], True)
+    joint_rejected = encode([p + r for p, r in zip(prompts, rejecteds)], True)
     for i, prompt in enumerate(prompt_ids):
         differs = joint_chosen[i] != prompt + chosen_ids[i] or joint_rejected[i] != prompt + rejected_ids[i]
         yield (prompt, chosen_ids[i], rejected_ids[i]), differs
