@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# --overwrite: `make demo` again replaces the previous demo run (a bare `minidpo demo` refuses to)
 demo: $(VENV)/.installed
-	$(BIN)/minidpo demo --output-dir runs/demo
+	$(BIN)/minidpo demo --output-dir runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests
@@ -47,8 +48,9 @@ figures: $(VENV)/.installed
 	MINIDPO_FIGURES=$(CURDIR)/figures $(MAKE) notebooks
 	MINIDPO_FIGURES=$(CURDIR)/figures $(BIN)/minidpo demo --output-dir runs/demo-figures --overwrite
 
+# Jupyter refuses to run as root unless told; containers often run as root
 lab: $(VENV)/.installed
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi)
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[bench]"
