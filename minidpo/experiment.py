@@ -25,9 +25,10 @@ from . import evaluate as ev
 from . import world as w
 from .models import load_causal_lm, pick_device, tiny_gpt2
 from .tokenizer import load_tokenizer, train_tokenizer
+from .runs import default_cache_dir
 from .train import DPOConfig, SFTConfig, TrainResult, sft, train_dpo
 
-DEFAULT_CACHE = ".cache/minidpo"
+DEFAULT_CACHE = default_cache_dir()  # $MINIDPO_CACHE_DIR, else .cache/minidpo (read when minidpo is imported)
 WORLD_CODE_VERSION = 3  # v2: the world's own alphabet; v3: no pairs with an empty completion
 # One-shard "Loading weights" / "Writing model shards" bars are noise in a course's outputs.
 hf_logging.disable_progress_bar()
