@@ -344,7 +344,11 @@ def check_dpo_loss(s: _Student) -> None:
         raise Failed(f"return one loss per pair, shape (B,) = (6,), got {losses.shape} (the caller takes the mean)")
     if not np.allclose(losses, LN2, atol=1e-6):
         v = float(losses.mean())
-        hint = " is the sign of the log-sigmoid right?" if v < 0 else " is it -log sigma(beta h)?"
+        hint = " is it -log sigma(beta h)?"
+        if v < 0:
+            hint = " is the sign of the log-sigmoid right?"
+        elif math.isclose(v, 0.1 * LN2, rel_tol=1e-4):
+            hint = " that is beta * ln 2 (beta = 0.1): beta belongs inside the sigmoid, not in front of the loss"
         raise Failed(f"your loss at policy = reference is {v:.3f}, expected ln 2 ≈ 0.693:{hint}")
     for beta in (0.1, 2.0):
         losses, cr, rj = s.call("dpo_loss", _t(pc), _t(pr), _t(rc), _t(rr), beta)
@@ -474,6 +478,9 @@ def check_seq_logps(s: _Student) -> None:
                                   -1)[..., 0] * (labels[:, 1:] != -100)).sum(-1)
         if _close(got, raw, 1e-4):
             raise Failed("you gathered raw logits: take log_softmax over the vocabulary first")
+        safe = np.where(labels == -100, 0, labels)
+        if _close(got, _seq_logps(logits, safe), 1e-4):
+            raise Failed("positions labelled -100 (prompt, padding) are counted in your sum: mask them out")
         n = (labels[:, 1:] != -100).sum(-1)
         if _close(got, want / n, 1e-4):
             raise Failed("you averaged over tokens; DPO's log pi(y|x) is the SUM over the completion's tokens")
@@ -675,7 +682,8 @@ def check_step(s: _Student) -> None:
         raise Failed(f"`dpo_step` must return the loss as a number, got {type(loss).__name__}") from None
     if not math.isclose(loss, LN2, abs_tol=1e-4):
         raise Failed(f"the first step starts at pi_theta = pi_ref, so the loss must be ln 2 ≈ 0.693; yours is "
-                     f"{loss:.4f}")
+                     f"{loss:.4f}: does the policy score the same tokens as the reference did (labels, -100 on "
+                     f"prompt and padding), with the same h and beta?")
     if all(torch.equal(a, p.detach()) for a, p in zip(before, policy.parameters())):
         raise Failed("the policy's parameters did not change: the loss will stay at ln 2 forever. Is the forward "
                      "under torch.no_grad(), are the gradients detached, or is optimizer.step() missing?")
@@ -775,9 +783,6 @@ def check_plackett_luce(s: _Student) -> None:
     beta = 0.5
     got = _shape_is(s.call("plackett_luce_loss", _t(u), beta), (5,), "plackett_luce_loss")
     want = _plackett_luce(u, beta)
-    two = _np(s.call("plackett_luce_loss", _t(u[:, :2]), beta))
-    if not _close(two, -_logsig(beta * (u[:, 0] - u[:, 1]))):
-        raise Failed("with K = 2 the Plackett-Luce loss must be the DPO loss -log sigma(beta (u_1 - u_2))")
     if not _close(got, want):
         z = beta * u
         all_k = -np.sum(z[:, :-1] - np.log(np.exp(z).sum(-1, keepdims=True)), -1)
@@ -786,6 +791,9 @@ def check_plackett_luce(s: _Student) -> None:
         if _close(got, _plackett_luce(u[:, ::-1], beta)):
             raise Failed("your ranking runs the wrong way: row[0] is the BEST response, chosen first")
         raise Failed("your Plackett-Luce loss differs from the expected value on fixed log-ratios (K = 4)")
+    two = _np(s.call("plackett_luce_loss", _t(u[:, :2]), beta))
+    if not _close(two, -_logsig(beta * (u[:, 0] - u[:, 1]))):
+        raise Failed("with K = 2 the Plackett-Luce loss must be the DPO loss -log sigma(beta (u_1 - u_2))")
     shifted = _np(s.call("plackett_luce_loss", _t(u + 7.0), beta))
     if not _close(shifted, want):
         raise Failed("adding the same constant to every response's log-ratio (what beta log Z(x) does) must not "
