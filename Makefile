@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: demo test test-fast notebooks figures lab bench clean venv
+.PHONY: demo test test-fast notebooks figures lab bench clean venv grade
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +47,12 @@ notebooks: $(VENV)/.installed
 figures: $(VENV)/.installed
 	MINIDPO_FIGURES=$(CURDIR)/figures $(MAKE) notebooks
 	MINIDPO_FIGURES=$(CURDIR)/figures $(BIN)/minidpo demo --output-dir runs/demo-figures --overwrite
+
+# Grade exercise notebooks (a table each; exit 0 only if all pass): `make grade NB=exercises/02_dpo_loss.ipynb`,
+# or a folder of submissions: `make grade NB=submissions/`. Default: the student notebooks in exercises/.
+NB ?= exercises
+grade: $(VENV)/.installed
+	$(BIN)/minidpo grade $(NB)
 
 # Jupyter refuses to run as root unless told; containers often run as root
 lab: $(VENV)/.installed
