@@ -428,8 +428,7 @@ Here is a training loop with a bug that users of DPO trainers report again and a
         for side in ("chosen", "rejected"):
             logits = policy(input_ids=batch[f"{side}_input_ids"]).logits
             logps[side] = minidpo.sequence_logps(logits, batch[f"{side}_labels"])
-        # the "reference": the same policy, scored again with gradients on (no frozen copy, nothing cached)
-        ref = {side: logps[side] for side in logps}
+        ref = {side: logps[side] for side in logps}  # the reference log-probs
         loss = minidpo.preference_loss(logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"],
                                        beta=0.5)[0].mean()
         opt.zero_grad()
