@@ -25,6 +25,7 @@ _LAZY = {
     "TokenizeReport": "data",
     "PreferenceCollator": "data",
     "PROMPT_COLUMNS": "data",
+    "check_step": "derivations",
 }
 
 __all__ = list(_LAZY)
