@@ -358,7 +358,8 @@ def best_of_n_kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(rewards_per_prompt: Sequence[Sequence[float]], ns: Sequence[int]) -> list[dict]:
+def best_of_n(rewards_per_prompt: Sequence[Sequence[float]], ns: Sequence[int],
+              true_rewards_per_prompt: Sequence[Sequence[float]] | None = None) -> list[dict]:
     """Best-of-n sampling from π_ref, computed exactly from reward samples: expected reward and KL(π_bon‖π_ref).
 
     ``rewards_per_prompt[i]`` holds the true rewards of N samples from π_ref for prompt i; their empirical
@@ -370,22 +371,33 @@ def best_of_n(rewards_per_prompt: Sequence[Sequence[float]], ns: Sequence[int]) 
     Ties (the synthetic world's reward is a whole number) make the KL smaller than ``best_of_n_kl_bound``.
 
     Returns one dict per n, averaged over prompts: {"n", "reward", "kl", "kl_bound"}.
+
+    ``true_rewards_per_prompt``: the same samples scored by another reward (the true one, when ``rewards_per_prompt``
+    is a learned reward model's): the selection still follows ``rewards_per_prompt``, and "reward" is then the
+    expected TRUE reward of the kept response, sum_v q(v) E[true reward | selection reward = v].
     """
     rows = [list(map(float, r)) for r in rewards_per_prompt]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("best_of_n: need at least one prompt, each with at least one reward sample")
+    truths = rows if true_rewards_per_prompt is None else [list(map(float, t)) for t in true_rewards_per_prompt]
+    if [len(t) for t in truths] != [len(r) for r in rows]:
+        raise ValueError("best_of_n: true_rewards_per_prompt must have one value per sample of rewards_per_prompt")
+    levels = []  # per prompt: (p(v), mean true reward at v) for each selection-reward level v, in order
+    for r, truth in zip(rows, truths):
+        at: dict[float, list[float]] = {}
+        for v, t in zip(r, truth):
+            at.setdefault(v, []).append(t)
+        levels.append([(len(at[v]) / len(r), sum(at[v]) / len(at[v])) for v in sorted(at)])
     out = []
     for n in ns:
         bound = best_of_n_kl_bound(n)
         reward = kl = 0.0
-        for r in rows:
-            values = sorted(set(r))
-            p = [r.count(v) / len(r) for v in values]
+        for per_level in levels:
             cdf = 0.0
-            for v, pv in zip(values, p):
+            for pv, mean_truth in per_level:  # the kept response is uniform within its level
                 q = (cdf + pv) ** n - cdf ** n
                 cdf += pv
-                reward += q * v
+                reward += q * mean_truth
                 if q > 0:
                     kl += q * math.log(q / pv)
         out.append({"n": int(n), "reward": reward / len(rows), "kl": kl / len(rows), "kl_bound": bound})
