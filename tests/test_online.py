@@ -240,3 +240,19 @@ def test_gold_reward_penalises_what_the_labeller_cannot_see():
         prompt, completion = w.split_review(review)
         assert w.completion_is_grammatical(completion) == w.is_grammatical(prompt + completion, 2, 4)
         assert w.completion_is_grammatical(completion + " good") is False  # a control: one stray word
+
+
+def test_best_of_n_selected_by_one_reward_scored_by_another():
+    from minidpo.evaluate import best_of_n
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.randint(-3, 4, (20, 64), generator=gen).double()
+    proxy = truth + 0.5 * torch.randn(truth.shape, generator=gen, dtype=DT)  # a noisy reward model
+    ns = [1, 4, 16]
+    assert best_of_n(truth.tolist(), ns, truth.tolist()) == best_of_n(truth.tolist(), ns)
+    by_proxy = best_of_n(proxy.tolist(), ns, truth.tolist())
+    by_truth = best_of_n(truth.tolist(), ns)
+    assert abs(by_proxy[0]["reward"] - float(truth.mean())) < 1e-9  # n = 1 is pi_ref
+    assert by_proxy[0]["reward"] < by_proxy[1]["reward"] < by_proxy[2]["reward"] < by_truth[2]["reward"]
+    backwards = best_of_n((-proxy).tolist(), ns, truth.tolist())  # control: selecting the worst
+    assert backwards[2]["reward"] < backwards[0]["reward"] - 1.0
