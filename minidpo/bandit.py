@@ -542,3 +542,115 @@ def data_mass(policy_probs: torch.Tensor, pairs: PreferencePairs,
 
 
 __all__ += ["REVIEW_MOODS", "make_review_world", "train_policy", "pair_log_ratios", "data_mass"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rankings of more than two responses: Plackett-Luce (DPO paper, Rafailov et al. 2023, Appendix A.3)
+
+
+@dataclass
+class Rankings:
+    """n rankings: prompt (n,) and order (n, k), the ranked responses best first."""
+
+    prompt: torch.Tensor
+    order: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.prompt.numel()
+
+
+def sample_rankings(world: ExactWorld, n_rankings: int, k: int | None = None, seed: int = 0) -> Rankings:
+    """x ~ d(x); k distinct responses from pi_ref(.|x) (all K if k is None); a ranking of them drawn from the
+    Plackett-Luce model on the true reward: the best is picked with probability softmax(r), then the best of the
+    rest, and so on. Both draws use the Gumbel-top-k trick: sorting log-weights plus Gumbel noise samples
+    without replacement proportionally to the weights (Plackett-Luce is exactly that on r)."""
+    n_responses = world.n_responses
+    k = n_responses if k is None else k
+    if n_rankings < 1 or not 2 <= k <= n_responses:
+        raise ValueError(f"need n_rankings >= 1 and 2 <= k <= {n_responses}, got {n_rankings} and {k}")
+    gen = torch.Generator().manual_seed(seed)
+    prompt = _sample_rows(world.prompt_probs.expand(n_rankings, -1), gen)
+
+    def gumbel(shape) -> torch.Tensor:
+        u = torch.rand(shape, generator=gen, dtype=DTYPE).clamp_min(1e-300)
+        return -torch.log(-torch.log(u))
+
+    log_ref = torch.log(world.reference_probs.to(DTYPE))[prompt]  # (n, K)
+    shown = torch.topk(log_ref + gumbel(log_ref.shape), k, dim=-1).indices  # (n, k): k distinct from pi_ref
+    rewards = world.rewards.to(DTYPE)[prompt.unsqueeze(-1), shown]  # (n, k)
+    ranked = torch.argsort(rewards + gumbel(rewards.shape), dim=-1, descending=True)  # Plackett-Luce on r
+    return Rankings(prompt=prompt, order=shown.gather(-1, ranked))
+
+
+def plackett_luce_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The DPO loss for rankings (DPO paper, Appendix A.3, Eq. 19), one value per ranking, shape (n,).
+
+    policy_logps, reference_logps: (n, k) log-probs of the ranked responses, best first. With
+    u_k = beta (log pi_theta(y_k|x) - log pi_ref(y_k|x)), the loss is -sum_k [u_k - log sum_{j >= k} exp(u_j)];
+    Z(x) has cancelled from every factor (minidpo.derivations.check_plackett_luce_z_cancels). k = 2 is the DPO
+    loss of eq:dpo_core.
+    """
+    if policy_logps.shape != reference_logps.shape or policy_logps.dim() != 2 or policy_logps.shape[-1] < 2:
+        raise ValueError(f"policy_logps and reference_logps must both be (n, k) with k >= 2, got "
+                         f"{tuple(policy_logps.shape)} and {tuple(reference_logps.shape)}")
+    _check_beta(beta)
+    u = beta * (policy_logps - reference_logps)  # (n, k)
+    tail = torch.logcumsumexp(u.flip(-1), dim=-1).flip(-1)  # (n, k): log sum_{j >= k} exp(u_j)
+    return (tail - u).sum(-1)
+
+
+def train_tabular_rankings(world: ExactWorld, rankings: Rankings, beta: float, steps: int = 100) -> TabularResult:
+    """Fit a tabular policy softmax(theta[x]) to rankings with ``plackett_luce_loss``, full-batch L-BFGS from
+    theta = log pi_ref. The loss is convex in theta (u is linear in it), as for pairs in ``train_tabular``."""
+    log_ref = torch.log(world.reference_probs.to(DTYPE))
+    theta = log_ref.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, max_eval=10, history_size=20, line_search_fn="strong_wolfe")
+    x = rankings.prompt.unsqueeze(-1)  # (n, 1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        log_pi = torch.log_softmax(theta, dim=-1)
+        loss = plackett_luce_loss(log_pi[x, rankings.order], log_ref[x, rankings.order], beta).mean()
+        loss.backward()
+        return loss
+
+    losses = []
+    with _single_thread():
+        for _ in range(steps):
+            losses.append(float(opt.step(closure).detach()))
+            if len(losses) > 1 and abs(losses[-2] - losses[-1]) < 1e-14:
+                break
+    return TabularResult(probs=torch.softmax(theta.detach(), dim=-1), losses=losses)
+
+
+def fit_reward_model(world: ExactWorld, pairs: PreferencePairs, steps: int = 100) -> torch.Tensor:
+    """A tabular Bradley-Terry reward model r_hat(x, y), fit by maximum likelihood on ``pairs`` (the RLHF
+    pipeline's first stage), shape (P, K), each prompt's row centred (only differences are identified).
+
+    Theorem 1 of the DPO paper says DPO fits exactly this model, with r_hat = beta log(pi_theta / pi_ref): so
+    optimal_policy(pi_ref, r_hat, beta) equals the DPO fit on the same pairs (notebook 02 measures it).
+    """
+    counts = pairs.counts(world.n_prompts, world.n_responses).to(DTYPE)
+    x, yw, yl = counts.nonzero(as_tuple=True)
+    weights = counts[x, yw, yl] / counts.sum()
+    r_hat = torch.zeros(world.n_prompts, world.n_responses, dtype=DTYPE, requires_grad=True)
+    opt = torch.optim.LBFGS([r_hat], lr=1.0, max_iter=1, max_eval=10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -(weights * torch.nn.functional.logsigmoid(r_hat[x, yw] - r_hat[x, yl])).sum()
+        loss.backward()
+        return loss
+
+    previous = None
+    with _single_thread():
+        for _ in range(steps):
+            loss = float(opt.step(closure).detach())
+            if previous is not None and abs(previous - loss) < 1e-14:
+                break
+            previous = loss
+    r = r_hat.detach()
+    return r - r.mean(-1, keepdim=True)
+
+
+__all__ += ["Rankings", "sample_rankings", "plackett_luce_loss", "train_tabular_rankings", "fit_reward_model"]

@@ -133,3 +133,65 @@ def test_lbfgs_reaches_the_closed_form_ipo_optimum_with_deterministic_labels():
     for beta in (0.1, 0.5):  # without max_eval these stopped 0.12 and 0.007 away from the optimum
         trained = B.train_tabular(world, pairs, beta, loss_type="ipo", steps=500).probs
         assert (trained - B.ipo_optimum(world, pairs, beta)).abs().max().item() < 1e-5
+
+
+# Plackett-Luce rankings (DPO paper, Appendix A.3) and the reward model DPO is (Theorem 1) ------------------------
+
+@pytest.fixture(scope="module")
+def world4():
+    return B.make_world(n_prompts=3, n_responses=4, seed=0)
+
+
+def test_plackett_luce_loss_matches_its_formula_and_is_dpo_for_two():
+    g = torch.Generator().manual_seed(0)
+    pol, ref = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    beta = 0.3
+    losses = B.plackett_luce_loss(pol, ref, beta)
+    for i in range(6):  # -log prod_k exp(u_k) / sum_{j >= k} exp(u_j), in plain Python
+        u = (beta * (pol[i] - ref[i])).tolist()
+        expected = -sum(u[k] - math.log(sum(math.exp(v) for v in u[k:])) for k in range(4))
+        assert losses[i].item() == pytest.approx(expected, rel=1e-12)
+    from minidpo import preference_loss
+    dpo, _, _ = preference_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=beta)
+    assert torch.allclose(B.plackett_luce_loss(pol[:, :2], ref[:, :2], beta), dpo, atol=1e-12)
+    # negative control: the order matters (the same responses ranked the other way give another loss)
+    assert not torch.allclose(B.plackett_luce_loss(pol.flip(-1), ref.flip(-1), beta), losses)
+
+
+def test_plackett_luce_loss_rejects_bad_input():
+    with pytest.raises(ValueError, match="must both be"):
+        B.plackett_luce_loss(torch.zeros(3, 1), torch.zeros(3, 1), 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        B.plackett_luce_loss(torch.zeros(3, 2), torch.zeros(3, 2), 0.0)
+
+
+def test_sampled_rankings_follow_plackett_luce(world4):
+    rankings = B.sample_rankings(world4, 40_000, seed=0)  # all 4 responses ranked
+    first = torch.zeros(3, 4, dtype=torch.float64)
+    first.index_put_((rankings.prompt, rankings.order[:, 0]), torch.ones(len(rankings), dtype=torch.float64),
+                     accumulate=True)
+    first /= first.sum(-1, keepdim=True)
+    assert torch.allclose(first, torch.softmax(world4.rewards, -1), atol=0.015)  # P(top = y) = softmax(r)
+    assert not torch.allclose(first, torch.softmax(-world4.rewards, -1), atol=0.015)  # control: reversed order
+    assert all(len(set(row)) == 4 for row in rankings.order.tolist())  # distinct responses
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_plackett_luce_fit_on_rankings_lands_on_the_optimum(world4, k):
+    rankings = B.sample_rankings(world4, 20_000, k=k, seed=1)
+    fit = B.train_tabular_rankings(world4, rankings, BETA)
+    kl_reference = B.kl_to_optimum(world4, world4.reference_probs, BETA)
+    assert B.kl_to_optimum(world4, fit.probs, BETA) < kl_reference / 300
+    # negative control: the rankings read worst-first land far from pi*
+    flipped = B.Rankings(rankings.prompt, rankings.order.flip(-1))
+    assert B.kl_to_optimum(world4, B.train_tabular_rankings(world4, flipped, BETA).probs, BETA) > kl_reference
+
+
+def test_dpo_is_the_bradley_terry_reward_model_under_a_change_of_variables(world):
+    # Theorem 1 / Sec. 5.1: fitting a reward model and then solving RLHF exactly gives DPO's policy
+    pairs = B.sample_pairs(world, 20_000, seed=2)
+    r_hat = B.fit_reward_model(world, pairs)
+    dpo = B.train_tabular(world, pairs, BETA).probs
+    assert (B.optimal_policy(world.reference_probs, r_hat, BETA) - dpo).abs().max() < 1e-3
+    # negative control: the same reward model solved at another beta is another policy
+    assert (B.optimal_policy(world.reference_probs, r_hat, 2 * BETA) - dpo).abs().max() > 0.02
