@@ -112,25 +112,38 @@ $$\\mathrm{KL}\\big(\\pi\\,\\|\\,\\pi^*\\big)-\\log Z .$$
 Write `step10(pi, ref, r, beta)`: given lists of sympy symbols for one prompt's $\\pi(y)$, $\\pi_{\\text{ref}}(y)$ and
 $r(y)$, and the symbol β, return the expression of step (10), with π\\* and Z written out from `ref`, `r` and
 `beta`. The grader checks that it equals step (4) on every distribution π, **and** that it is really step (10):
-the move from (9) to (10) takes $\\log Z$ out of the expectation, which is only allowed because
-$\\sum_y\\pi(y)=1$.""", """
+the move from (9) to (10) takes $\\log Z$ out of the expectation.
+
+Then find what that move assumes. `minidpo.check_step(before, after, assumptions=[...])` says whether `after`
+equals `before`, and with which assumptions (each `x > 0`-style, or `sp.Eq(a, b)` to substitute `b` for `a`). Use
+it in the cell below on step (4) and your step (10), and set `step10_given` to the list of assumptions under which
+it says "holds given". Use the symbols of that cell (`pi`, `q`, `rr`, `b`).""", """
 def step10(pi, ref, r, beta):
     \"\"\"KL(pi || pi*) - log Z for one prompt, as a sympy expression.\"\"\"
-    raise NotImplementedError("Exercise 2: write step (10)")""", """
+    raise NotImplementedError("Exercise 2: write step (10)")
+
+
+step10_given = None  # a list of sympy facts, e.g. [sp.Eq(...)]""", """
 def step10(pi, ref, r, beta):
     \"\"\"KL(pi || pi*) - log Z for one prompt, as a sympy expression.\"\"\"
     Z = sp.Add(*[q * sp.exp(ry / beta) for q, ry in zip(ref, r)])
     star = [q * sp.exp(ry / beta) / Z for q, ry in zip(ref, r)]
     kl = sp.Add(*[p * sp.log(p / s) for p, s in zip(pi, star)])
-    return kl - sp.log(Z)"""),
-    md("""What separates the two steps? sympy says it exactly: the difference is $(\\sum_y\\pi(y)-1)\\log Z$, zero
-only for a distribution."""),
+    return kl - sp.log(Z)
+
+
+pi = [sp.Symbol(f"pi_{y}", positive=True) for y in range(3)]
+step10_given = [sp.Eq(pi[2], 1 - pi[0] - pi[1])]  # pi is a distribution: sum_y pi(y) = 1"""),
     code("""pi = [sp.Symbol(f"pi_{y}", positive=True) for y in range(3)]
 q = [sp.Symbol(f"ref_{y}", positive=True) for y in range(3)]
 rr = [sp.Symbol(f"r_{y}", real=True) for y in range(3)]
 b = sp.Symbol("beta", positive=True)
 step4 = sp.Add(*[p * (sp.log(p / qq) - ry / b) for p, qq, ry in zip(pi, q, rr)])
-difference = sp.factor(sp.simplify(sp.expand_log(step10(pi, q, rr, b) - step4, force=True)))
+print("no assumptions:", minidpo.check_step(step4, step10(pi, q, rr, b)))
+print("step10_given:  ", minidpo.check_step(step4, step10(pi, q, rr, b), assumptions=step10_given))"""),
+    md("""sympy can also say exactly what separates the two steps: the difference is $(\\sum_y\\pi(y)-1)\\log Z$, zero
+only for a distribution."""),
+    code("""difference = sp.factor(sp.simplify(sp.expand_log(step10(pi, q, rr, b) - step4, force=True)))
 print("step (10) - step (4) =", difference)"""),
     exercise(3, """
 ## Exercise 3 · The objective, and its value at π\\*

@@ -205,7 +205,7 @@ def _step4(pi, ref, r, beta):
     return float(np.sum(pi * (np.log(pi / ref) - r / beta)))
 
 
-@_exercise(2, "step (10) of the derivation (sympy)", "01")
+@_exercise(2, "step (10) in sympy, and what it assumes", "01")
 def check_step10(s: _Student) -> None:
     import sympy as sp
 
@@ -246,6 +246,34 @@ def check_step10(s: _Student) -> None:
         raise Failed("your expression equals step (4) even when sum_y pi != 1: log Z(x) is still inside the "
                      "expectation (or written as sum_y pi log Z). Step (10) takes it OUT, as a KL to pi* minus "
                      "log Z(x) alone; that move is the one that needs sum_y pi(y|x) = 1")
+    # step10_given: the assumptions under which the step holds (found with minidpo.check_step in the notebook)
+    given = s.get("step10_given")
+    if not isinstance(given, (list, tuple)) or not given or not all(isinstance(g, sp.Basic) for g in given):
+        raise Failed("`step10_given` must be a non-empty list of sympy facts such as sp.Eq(a, b), the assumptions "
+                     "under which check_step says the step holds")
+    by_name = {str(x): x for x in [*pi, *ref, *r, beta]}  # the student's symbols may be other objects, same names
+    difference = expr - sp.Add(*[p * (sp.log(p / q) - ry / beta) for p, q, ry in zip(pi, ref, r)])
+    for fact in given:
+        fact = fact.xreplace({x: by_name.get(str(x), x) for x in fact.free_symbols})
+        if isinstance(fact, sp.Equality):
+            difference = difference.subs(fact.lhs, fact.rhs)
+    if not any(str(x).startswith("pi_") for g in given for x in g.free_symbols):
+        raise Failed("your assumptions in `step10_given` say nothing about pi: which property of pi does taking "
+                     "log Z out of the expectation use?")
+    f_diff = sp.lambdify(sorted(difference.free_symbols, key=str), difference, "mpmath")
+    names = [str(x) for x in sorted(difference.free_symbols, key=str)]
+    for _ in range(5):
+        point = [float(rng.uniform(0.05, 0.3)) if n.startswith("pi_") else float(rng.uniform(0.3, 2.0))
+                 for n in names]
+        try:
+            value = float(f_diff(*point))
+        except Exception:  # noqa: BLE001
+            raise Failed("step (4) - step (10) could not be evaluated under your assumptions in `step10_given`") \
+                from None
+        if abs(value) > 1e-8:
+            raise Failed("under your assumptions in `step10_given` step (10) still differs from step (4): which "
+                         "property of pi does taking log Z out of the expectation use? (minidpo.check_step says "
+                         "'holds given ...' when you have it)")
 
 
 def _objective(pi, ref, r, beta):
