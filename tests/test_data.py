@@ -347,3 +347,58 @@ def test_report_is_one_line() -> None:
         "tokenized 10 rows: 8 kept, 3 truncated, 2 dropped (prompt too long), 1 with a token merge across "
         "the prompt/completion boundary avoided (max_length=128, max_prompt_length=64)"
     )
+
+
+# ------------------------------------------------------------------------- issue 12: bytes, bars, BOS
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_non_utf8_byte_is_named_by_file_and_line(tmp_path, suffix):
+    good = {"prompt": "a", "chosen": " b", "rejected": " c"}
+    if suffix == ".jsonl":
+        body = (json.dumps(good) + "\n").encode() + b'{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n'
+    elif suffix == ".json":
+        body = b'[\n' + json.dumps(good).encode() + b',\n{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n]'
+    else:
+        body = b"prompt,chosen,rejected\na, b, c\ncaf\xe9, b, c\n"
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(body)
+    line = {".jsonl": 2, ".json": 3, ".csv": 3}[suffix]
+    with pytest.raises(ValueError, match=rf"latin1\{suffix}, line {line}: not UTF-8 text \(byte 0xe9\)"):
+        load_preferences(str(path))
+
+
+def test_reading_parquet_prints_no_progress_bar(tmp_path, capsys):
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "pairs.parquet"))
+    capsys.readouterr()
+    loaded = load_preferences(str(tmp_path / "pairs.parquet"))
+    out, err = capsys.readouterr()
+    assert len(loaded) == 3 and "Generating" not in err + out and err == ""
+
+
+def _with_inference_bos(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The same tokenizer, but tokenizer(text) puts <bos> first, as Llama's does at inference."""
+    from tokenizers.processors import TemplateProcessing
+
+    copy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()),
+                                   eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    copy.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", copy.convert_tokens_to_ids("<bos>"))])
+    return copy
+
+
+def test_bos_is_added_as_the_tokenizer_adds_it_at_inference(bpe_tokenizer):
+    llama_like = _with_inference_bos(bpe_tokenizer)
+    bos = llama_like.convert_tokens_to_ids("<bos>")
+    assert llama_like("The movie")["input_ids"][0] == bos  # the premise: inference starts with BOS
+    rows = [{"prompt": "The movie was", "chosen": " great and fun.", "rejected": " terrible and long."}]
+    features, _ = tokenize_preferences(rows, llama_like, max_length=64)
+    # independent of minidpo: what tokenizer(prompt) gives at inference, then the completion, then EOS
+    prompt = llama_like("The movie was")["input_ids"]
+    assert features[0]["prompt_input_ids"] == prompt
+    assert features[0]["chosen_input_ids"] == prompt + ids(llama_like, " great and fun.") + [llama_like.eos_token_id]
+    assert features[0]["chosen_labels"][:len(prompt)] == [-100] * len(prompt)
+    # negative control: a tokenizer that adds nothing at inference (GPT-2-like) gets no BOS
+    plain, _ = tokenize_preferences(rows, bpe_tokenizer, max_length=64)
+    assert bpe_tokenizer("The movie")["input_ids"][0] != bpe_tokenizer.bos_token_id
+    assert plain[0]["prompt_input_ids"] == ids(bpe_tokenizer, "The movie was")

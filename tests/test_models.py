@@ -95,3 +95,22 @@ def test_load_causal_lm_errors(tmp_path):
         load_causal_lm(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         load_causal_lm(tmp_path, dtype="float8")
+
+
+def test_disable_dropout_zeroes_every_dropout_and_makes_train_mode_deterministic():
+    from minidpo.models import disable_dropout
+
+    model = tiny_gpt2(40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.1, embd_pdrop=0.1,
+                      attn_pdrop=0.1).train()
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # negative control: dropout on draws masks
+    disable_dropout(model)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    torch.testing.assert_close(model(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_max_positions_reads_the_config():
+    from minidpo.models import max_positions
+
+    assert max_positions(tiny_gpt2(40, n_embd=16, n_layer=1, n_head=2, n_positions=24)) == 24
+    assert max_positions(torch.nn.Linear(2, 2)) is None

@@ -171,3 +171,122 @@ def test_sft_and_preferred_ft_lower_their_loss(setup):
     model = fresh_model(tok)
     losses = sft_on_pairs(model, tok, pairs, SFTConfig(steps=30, batch_size=16, show_progress=False))
     assert losses[-1] < 0.7 * losses[0]
+
+
+# -------------------------------------------------------------------- issue 12: never lose a run; TRL parity
+
+def dropout_model(tok, seed: int = 0):
+    """The fixtures' tiny GPT-2 with dropout 0.1 everywhere, as GPT-2 from the Hub has."""
+    from minidpo.models import tiny_gpt2
+
+    return tiny_gpt2(len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=seed,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, resid_pdrop=0.1,
+                     embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+    ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+    ({"beta": float("inf")}, "beta must be a finite number, got inf"),
+    ({"save_every": -1}, "save_every must be >= 0, got -1"),
+    ({"warmup_steps": -2}, "warmup_steps must be >= 0"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+    ({"epochs": 1.5}, "epochs must be a whole number"),
+    ({"scheduler": "linar"}, "unknown scheduler 'linar'"),
+])
+def test_every_number_is_checked_before_any_work(kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(**kw).validate()
+
+
+def test_an_update_that_makes_the_weights_non_finite_is_caught_even_at_the_last_step(setup, tmp_path, monkeypatch):
+    pairs, tok = setup
+    step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):  # an update that overflows, as `--lr inf` gave (0 x inf = NaN)
+        out = step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    # the loss and gradient of the one and only step were finite: only a check after the update can see it
+    with pytest.raises(TrainingDiverged, match="the update of step 1 made the weights non-finite"):
+        train_dpo(fresh_model(tok), tok, pairs, cfg(max_steps=1), output_dir=tmp_path, log=quiet)
+    assert not (tmp_path / "model.safetensors").exists()  # no non-finite model is saved as the result
+
+
+def test_dropout_is_off_by_default_so_step_one_is_ln2(setup):
+    pairs, tok = setup
+    import math
+
+    row = train_dpo(dropout_model(tok), tok, pairs, cfg(max_steps=1), log=quiet).history[0]
+    # independent of minidpo's code: pi = pi_ref at step 1, so the DPO loss is ln 2 and the margin 0 exactly
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-6) and row["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    # negative control: with dropout kept, pi is scored with random masks and pi_ref without
+    kept = train_dpo(dropout_model(tok), tok, pairs, cfg(max_steps=1, disable_dropout=False), log=quiet).history[0]
+    assert abs(kept["loss"] - math.log(2)) > 1e-4 and abs(kept["rewards/margins"]) > 1e-4
+
+
+def test_the_logged_learning_rate_is_the_one_applied(setup):
+    pairs, tok = setup
+    warmup, total, lr = 3, 8, 5e-3
+    snapshots = {}
+
+    def keep(step, model):
+        snapshots[step] = [p.detach().clone() for p in model.parameters()]
+        return {}
+
+    hist = train_dpo(fresh_model(tok), tok, pairs, cfg(lr=lr, warmup_steps=warmup, max_steps=total), log=quiet,
+                     callback=keep, callback_every=1).history
+    # transformers' linear schedule written out: step s (1-based) applies lr * factor(s - 1)
+    expected = [lr * (k / warmup if k < warmup else (total - k) / (total - warmup)) for k in range(total)]
+    assert [r["learning_rate"] for r in hist] == pytest.approx(expected, rel=1e-12, abs=0)
+    # and the weights agree: the first update was applied with rate 0 (AdamW without decay leaves them as they were)
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
+
+
+def test_ctrl_c_mid_step_then_resume_is_exact_with_dropout(setup, tmp_path):
+    import os
+    import signal
+
+    pairs, tok = setup
+    run = cfg(max_steps=10, disable_dropout=False)
+    full = train_dpo(dropout_model(tok), tok, pairs, run, log=quiet)
+
+    model = dropout_model(tok)
+    calls = []
+
+    def ctrl_c_during_step_6(module, inputs):  # Ctrl-C arrives inside a forward pass, after dropout was drawn
+        if module.training:
+            calls.append(1)
+            if len(calls) == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    model.transformer.h[0].register_forward_pre_hook(ctrl_c_during_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(model, tok, pairs, run, output_dir=tmp_path, log=quiet)
+    resumed = train_dpo(dropout_model(tok, seed=7), tok, pairs, run, output_dir=tmp_path, resume=True, log=quiet)
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    torch.testing.assert_close([r["loss"] for r in rows], [r["loss"] for r in full.history], rtol=0, atol=1e-6)
+
+
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(setup, tmp_path):
+    pairs, tok = setup
+    messages = []
+    first = train_dpo(fresh_model(tok), tok, pairs, cfg(cache_dir=str(tmp_path)), log=messages.append).history
+    (entry,) = tmp_path.glob("ref-logps-*.pt")
+    entry.write_bytes(entry.read_bytes()[:-40])  # truncated, as by a full disk or a killed copy
+    messages.clear()
+    again = train_dpo(fresh_model(tok), tok, pairs, cfg(cache_dir=str(tmp_path)), log=messages.append).history
+    assert any("damaged; recomputing" in m for m in messages) and [r["loss"] for r in again] == [r["loss"] for r in first]
+    messages.clear()
+    train_dpo(fresh_model(tok), tok, pairs, cfg(cache_dir=str(tmp_path)), log=messages.append)
+    assert any("reused" in m for m in messages)  # the recomputed entry replaced the damaged one
+
+
+def test_checkpoints_are_periodic_by_default():
+    assert DPOConfig().save_every > 0
