@@ -946,6 +946,8 @@ def _annotate(results: list[Result], cells: dict[int, int], errors: dict[int, st
         if err.startswith("NotImplementedError"):
             if "stub" not in res.message:
                 res.message = "still the stub: its cell raises NotImplementedError; " + res.message
+        elif err.startswith("KeyboardInterrupt"):  # interrupt_on_timeout: the cell ran past the time limit
+            res.message = "its cell ran past the time limit (--timeout) and was stopped; " + res.message
         else:
             res.message = f"its cell raised {err}; " + res.message
     return results
@@ -993,7 +995,7 @@ def grade_notebook(path: str | Path, timeout: int = 300) -> list[Result]:
     nb.cells.append(nbformat.v4.new_code_cell(source))
     import subprocess
 
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
                             resources={"metadata": {"path": str(Path(path).resolve().parent)}})
     # The kernel's own stderr is start-up chatter (a warning about local TCP); the cells' errors come back as
     # outputs, so the table is all a teacher sees.
