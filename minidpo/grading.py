@@ -996,6 +996,7 @@ def grade_notebook(path: str | Path, timeout: int = 300) -> list[Result]:
     import subprocess
 
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
+                            startup_timeout=180,  # a busy shared machine can take a minute to start a kernel
                             resources={"metadata": {"path": str(Path(path).resolve().parent)}})
     # The kernel's own stderr is start-up chatter (a warning about local TCP); the cells' errors come back as
     # outputs, so the table is all a teacher sees.
