@@ -460,3 +460,38 @@ def length_preference(pairs, length_fn: Callable[[str], int] | None = None) -> d
         "rejected_words": sum(lr) / len(lr),
         "lower_reward_chosen": lower,
     }
+
+
+# ------------------------------------------------------------------------------------ matched KL
+
+def at_matched_kl(path: Sequence[dict], kls: Sequence[float], key: str = "kl") -> list[dict]:
+    """A training path read at given KL values: every numeric key linearly interpolated where ``key`` = k.
+
+    ``path`` is a run's rows in step order (checkpoints of reward, kl, grammatical, step ...). Objectives
+    reach different KLs, so their end points are not comparable: one that went further buys reward with KL.
+    Reading each path at the same KL values compares what each bought for the same price (the DPO paper's
+    Fig. 2 compares frontiers the same way). For each k the first segment of the path whose KL range holds k
+    is used (a path can come back across a KL it passed); a k the path never reaches gives NaN for every key.
+    Non-numeric values (lists, strings, None) are left out. Returns one dict per k, with ``key`` = k.
+    """
+    rows = list(path)
+    if not rows:
+        raise ValueError("at_matched_kl: the path has no rows")
+    if any(key not in r for r in rows):
+        raise ValueError(f"at_matched_kl: every row needs {key!r}")
+    numeric = [k for k, v in rows[0].items() if k != key and isinstance(v, (int, float)) and not isinstance(v, bool)
+               and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    xs = [float(r[key]) for r in rows]
+    out = []
+    for k in kls:
+        k = float(k)
+        point = {key: k, **{name: float("nan") for name in numeric}}
+        segments = [(0, 0)] if len(rows) == 1 else zip(range(len(rows) - 1), range(1, len(rows)))
+        for i, j in segments:
+            lo, hi = min(xs[i], xs[j]), max(xs[i], xs[j])
+            if lo <= k <= hi:
+                t = 0.0 if xs[j] == xs[i] else (k - xs[i]) / (xs[j] - xs[i])
+                point.update({name: (1 - t) * float(rows[i][name]) + t * float(rows[j][name]) for name in numeric})
+                break
+        out.append(point)
+    return out

@@ -4,6 +4,8 @@
                   them by Bradley-Terry on the true reward. Cached on disk under a key made of every config,
                   so later notebooks reuse it and a fresh clone rebuilds it.
     run_dpo       a copy of pi_ref trained with any objective on the world's pairs.
+    run_dpo_seeds several copies of pi_ref, one per seed, trained together: one batched model call per step.
+    relabel       the world's pairs with the Bradley-Terry labeller's coins drawn again from another seed.
     evaluate      true reward, KL(pi || pi_ref) and implicit-reward accuracy on held-out prompts.
 """
 
@@ -13,20 +15,26 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import time
+import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
 import torch
+from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from . import evaluate as ev
 from . import world as w
 from .models import load_causal_lm, pick_device, tiny_gpt2
 from .tokenizer import load_tokenizer, train_tokenizer
+from . import train
+from .logps import _cat_padded
 from .runs import default_cache_dir
-from .train import DPOConfig, SFTConfig, TrainResult, sft, train_dpo
+from .train import (REFERENCE_FREE_LOSSES, DPOConfig, SFTConfig, TrainingDiverged, TrainResult, _autocast,
+                    _batch_order, _to, batch_loss, cached_reference_logps, prepare_data, sft, train_dpo)
 
 DEFAULT_CACHE = default_cache_dir()  # $MINIDPO_CACHE_DIR, else .cache/minidpo (read when minidpo is imported)
 WORLD_CODE_VERSION = 3  # v2: the world's own alphabet; v3: no pairs with an empty completion
@@ -184,3 +192,228 @@ def evaluate(world: World, policy: torch.nn.Module, beta: float, n_samples: int 
     with small_model_threads(policy):
         return ev.evaluate_policy(policy, world.reference, world.tokenizer, world.heldout_prompts,
                                   world.heldout_pairs, beta=beta, n_samples=n_samples, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# seeds as an axis: several runs trained together
+# ---------------------------------------------------------------------------------------------------------
+
+def relabel(world: World, seed: int) -> datasets.Dataset:
+    """The world's training pairs, the same two completions each, labelled again by the Bradley-Terry
+    labeller with coins drawn from ``seed``. pi_ref and the completions stay fixed; only the labels move.
+
+    Each pair's two completions are put in a fixed (sorted) order before the coin is tossed, so the new
+    label does not depend on the old one: ``relabel(world, s)`` is a fresh draw of the labels for every seed.
+    """
+    pairs = world.train_pairs
+    completions = [sorted((c, r)) for c, r in zip(pairs["chosen"], pairs["rejected"])]
+    return w.label_pairs(list(pairs["prompt"]), completions, world.config, seed=int(seed))
+
+
+class _Logits:
+    """Stands in for a model inside ``train.batch_loss``: answers a call with logits the batched call computed
+    before, for the batch whose input ids these are (rows were right-padded to the longest seed's length)."""
+
+    def __init__(self, computed: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.computed = computed  # [(input_ids (2B, T), logits (2B, T_max, V))]: one per forward batch_loss makes
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        for ids, logits in self.computed:
+            if ids.shape == input_ids.shape and torch.equal(ids, input_ids):
+                return types.SimpleNamespace(logits=logits[:, : input_ids.shape[1]])  # (2B, T, V)
+        raise RuntimeError("run_dpo_seeds: batch_loss ran a forward pass that was not batched ahead")
+
+
+def _stacked_inputs(batches: list[dict], device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Chosen and rejected of every seed's batch, laid out as ``concatenated_forward`` lays them out (its ids
+    per seed, (2B, T_i)), and all seeds right-padded to one length: ids (S, 2B, T) and the 4-D attention mask
+    (S, 2B, 1, T, T), additive as eager attention adds it: 0 where a query may look (causal and not padding),
+    a large negative number elsewhere. The mask is built here, outside vmap: the model's own mask code branches
+    on the mask's values, which vmap cannot trace."""
+    ids = [_cat_padded(b["chosen_input_ids"], b["rejected_input_ids"], 0) for b in batches]  # (2B, T_i)
+    mask = [_cat_padded(b["chosen_attention_mask"], b["rejected_attention_mask"], 0) for b in batches]
+    length = max(x.shape[1] for x in ids)
+    pad = torch.nn.functional.pad
+    stacked = torch.stack([pad(x, (0, length - x.shape[1])) for x in ids])  # (S, 2B, T)
+    mask = torch.stack([pad(x, (0, length - x.shape[1])) for x in mask])  # (S, 2B, T)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)
+    allowed = causal & mask.bool()[:, :, None, None, :]  # (S, 2B, 1, T, T)
+    additive = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return ids, stacked, additive
+
+
+def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=None, callback=None,
+                  callback_every: int = 0, log=print, threads: int | None = None) -> list[TrainResult]:
+    """``len(seeds)`` copies of pi_ref trained with ``cfg``, each as ``run_dpo(world, replace(cfg, seed=s))``
+    would train it, but together: one batched forward and backward of all copies per step.
+
+    Seed i draws its data order from ``seeds[i]`` (``train._batch_order``) and trains on ``pairs_per_seed[i]``
+    (default: the world's pairs; ``relabel(world, s)`` gives each seed its own labels). The copies' weights are
+    stacked along a new first axis (``torch.func.stack_module_state``) and the model runs once on all of them
+    (``torch.func.vmap`` over ``functional_call``), each copy on its own batch. The loss is the sum of the
+    copies' losses, so each copy's gradient is its own. AdamW is element-wise, so one AdamW over the stacked
+    weights is S independent AdamWs; gradient clipping is per copy (its own norm), as in ``train_dpo``.
+
+    ``callback(step, policies) -> list[dict]`` (one dict per seed; ``policies[i]`` is seed i's model, in eval
+    mode under no_grad) runs at step 0, every ``callback_every`` steps and at the end; a list of callables
+    instead is called as ``callback[i](step, policies[i]) -> dict``. Returns one ``TrainResult`` per seed
+    (``seconds`` is the time of the whole batched run). Reference log-probs are always precomputed (pi_ref
+    is fixed); no output_dir, resume or DDP: for those, ``run_dpo`` one seed at a time.
+
+    ``threads``: intra-op threads for the run (default: one, as ``small_model_threads`` gives every small
+    model; on a 2-core CPU with nothing else running, 2 make the batched step ~1.6x faster, and far slower as
+    soon as anything else runs). On the CPU a step of the course's model is compute-bound, so S copies cost
+    about S times one in arithmetic; what batching saves is the per-step overhead, which on a GPU is most of
+    a step (benchmarks/bench_seeds.py measures it).
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+
+    cfg = cfg or DPOConfig()
+    cfg.validate()
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("run_dpo_seeds: need at least one seed")
+    if pairs_per_seed is not None and len(pairs_per_seed) != len(seeds):
+        raise ValueError(f"run_dpo_seeds: {len(pairs_per_seed)} datasets in pairs_per_seed for {len(seeds)} seeds")
+    if cfg.precision == "fp16":
+        raise ValueError("run_dpo_seeds: fp16 needs a loss scaler per seed; use bf16 or fp32")
+    if isinstance(callback, (list, tuple)) and len(callback) != len(seeds):
+        raise ValueError(f"run_dpo_seeds: {len(callback)} callbacks for {len(seeds)} seeds")
+    device = pick_device(cfg.device)
+    S, B = len(seeds), cfg.batch_size
+    tokenizer = world.tokenizer
+    reference = world.reference.to(device)
+
+    # Each distinct dataset is tokenized, and its reference log-probs computed (or read from the cache), once.
+    datasets_ = [pairs_per_seed[i] if pairs_per_seed is not None else world.train_pairs for i in range(S)]
+    prepared: dict[int, tuple] = {}
+    for pairs in datasets_:
+        if id(pairs) not in prepared:
+            d = prepare_data(reference, tokenizer, pairs, cfg, log=log)
+            ref, kl_features = None, None
+            if cfg.loss_type not in REFERENCE_FREE_LOSSES:
+                ref = cached_reference_logps(reference, d.features, d.collator, cfg, device, log)
+            mismatch = getattr(train, "kto_mismatched_features", None)
+            if cfg.loss_type == "kto" and mismatch is not None:  # KTO's z0, read on mismatched (x, y') pairs
+                kl_features = mismatch(d.features)
+                kl_ref = cached_reference_logps(reference, kl_features, d.collator, cfg, device, log)
+                ref = {**ref, **{f"kl_{k}": v for k, v in kl_ref.items()}}
+            prepared[id(pairs)] = (d, ref, kl_features)
+    data = [prepared[id(d)][0] for d in datasets_]
+    ref_all = [prepared[id(d)][1] for d in datasets_]
+    kl_features = [prepared[id(d)][2] for d in datasets_]
+    collator = data[0].collator
+    if len({d.total_steps for d in data}) != 1:
+        raise ValueError(f"run_dpo_seeds: the seeds' datasets give different step counts "
+                         f"{sorted({d.total_steps for d in data})}; set max_steps or give them equally many pairs")
+    total_steps = data[0].total_steps
+
+    # One skeleton module runs every copy; the copies' weights live in ``params`` only, stacked (S, ...).
+    skeleton = copy.deepcopy(reference).train()
+    # Eager attention: its matmuls and softmax batch under vmap; SDPA's CPU kernel has no batching rule and
+    # vmap would loop over the copies one by one.
+    skeleton.set_attn_implementation("eager")
+    params, _ = stack_module_state([reference] * S)  # {name: (S, *shape)}, fresh leaves that require grad
+    buffers = {k: v for k, v in skeleton.named_buffers()}  # shared, not stacked: the copies never change them
+
+    def one_copy(p, input_ids, mask):  # input_ids (2B, T), mask (2B, 1, T, T)
+        return functional_call(skeleton, (p, buffers), (), {"input_ids": input_ids, "attention_mask": mask}).logits
+
+    batched = vmap(one_copy)  # (S, ...) in, (S, 2B, T, V) out
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
+                              num_training_steps=total_steps)
+    autocast, _ = _autocast(device, cfg.precision)
+
+    policies = [copy.deepcopy(reference).eval() for _ in range(S)]  # what callbacks and the results see
+    histories: list[list[dict]] = [[] for _ in range(S)]
+    evaluations: list[list[dict]] = [[] for _ in range(S)]
+
+    def load_policies() -> None:
+        with torch.no_grad():
+            for i, model in enumerate(policies):
+                for name, p in model.named_parameters():
+                    p.copy_(params[name][i])
+
+    def run_callback(at_step: int) -> None:
+        load_policies()
+        with torch.no_grad():
+            if isinstance(callback, (list, tuple)):
+                rows = [cb(at_step, model) for cb, model in zip(callback, policies)]
+            else:
+                rows = callback(at_step, policies)
+        if len(rows) != S:
+            raise ValueError(f"run_dpo_seeds: the callback returned {len(rows)} rows for {S} seeds")
+        for i, row in enumerate(rows):
+            evaluations[i].append({"step": at_step, **(row or {})})
+
+    threads_before = torch.get_num_threads()
+    with small_model_threads(skeleton) if threads is None else contextlib.nullcontext():
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        if callback is not None:
+            run_callback(0)
+        t0 = time.perf_counter()
+        orders: list = [None] * S
+        order_epochs = [-1] * S
+        for step in range(total_steps):
+            batches, rows_per_seed = [], []
+            for i in range(S):
+                epoch, index = divmod(step, data[i].steps_per_epoch)
+                if epoch != order_epochs[i]:
+                    orders[i], order_epochs[i] = _batch_order(len(data[i].features), B, seeds[i], epoch), epoch
+                rows_per_seed.append(orders[i][index])
+                batches.append(_to(collator([data[i].features[r] for r in orders[i][index]]), device))
+            if kl_features[0] is not None:  # KTO's mismatched (x, y') pairs of these rows, for its z0
+                for i in range(S):
+                    batches[i]["kl"] = _to(collator([kl_features[i][r] for r in rows_per_seed[i]]), device)
+            ids, stacked, mask4 = _stacked_inputs(batches, device)
+            with autocast:
+                logits = batched(params, stacked, mask4)  # (S, 2B, T, V)
+                computed = [[(ids[i], logits[i])] for i in range(S)]
+                if kl_features[0] is not None:  # z0 is read without gradient, as batch_loss does
+                    with torch.no_grad():
+                        kl_ids, kl_stacked, kl_mask4 = _stacked_inputs([b["kl"] for b in batches], device)
+                        kl_logits = batched(params, kl_stacked, kl_mask4)  # (S, 2B, T', V)
+                    for i in range(S):
+                        computed[i].append((kl_ids[i], kl_logits[i]))
+                losses, metrics = [], []
+                for i in range(S):
+                    ref = None
+                    if ref_all[i] is not None:
+                        ref = {k: v[rows_per_seed[i]].to(device) for k, v in ref_all[i].items()}
+                    loss_i, metrics_i = batch_loss(_Logits(computed[i]), batches[i], ref, cfg)
+                    losses.append(loss_i)
+                    metrics.append(metrics_i)
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()  # copy i's weights get the gradient of loss i alone
+            grads = [p.grad for p in params.values()]
+            norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (S,)
+            coef = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_, per copy
+            for g in grads:
+                g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            keys = list(metrics[0])
+            logged = torch.stack([torch.stack([losses[i].detach().float(), norms[i],
+                                               *[metrics[i][k].detach().float() for k in keys]])
+                                  for i in range(S)]).tolist()  # (S, 2 + K): one device->host copy per step
+            for i, values in enumerate(logged):
+                if not all(math.isfinite(v) for v in values[:2]):
+                    raise TrainingDiverged(f"training diverged: loss {values[0]}, gradient norm {values[1]} at "
+                                           f"step {step} for seed {seeds[i]}. Try a lower lr or beta.")
+            lr = optimizer.param_groups[0]["lr"]  # what this update applies (train_dpo logs the same)
+            optimizer.step()
+            scheduler.step()
+            for i, values in enumerate(logged):
+                histories[i].append({"step": step + 1, "epoch": (step + 1) / data[i].steps_per_epoch,
+                                     "loss": values[0], "grad_norm": values[1], "learning_rate": lr,
+                                     **dict(zip(keys, values[2:]))})
+            if callback is not None and callback_every and (step + 1) % callback_every == 0:
+                run_callback(step + 1)
+        seconds = time.perf_counter() - t0
+        if callback is not None and evaluations[0][-1]["step"] != total_steps:
+            run_callback(total_steps)
+    torch.set_num_threads(threads_before)
+    load_policies()
+    log(f"{S} seeds x {total_steps} steps of {cfg.loss_type} in {seconds:.1f} s")
+    return [TrainResult(model=policies[i], history=histories[i], evaluations=evaluations[i], seconds=seconds)
+            for i in range(S)]

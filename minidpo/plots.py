@@ -554,3 +554,130 @@ def plot_overoptimization(steps: Sequence[float], true_reward: Sequence[float], 
         ax2.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=10, loc="center right")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# over seeds: median lines with bootstrap bands, interval bars, and grammaticality as marker fill
+# ---------------------------------------------------------------------------------------------------------
+
+def _fill(color, share: float):
+    """A marker face that shows a share in [0, 1]: the full colour at 1, white (a hollow marker) at 0."""
+    import matplotlib.colors as mcolors
+
+    rgb = np.asarray(mcolors.to_rgb(color))
+    share = 0.0 if not np.isfinite(share) else float(np.clip(share, 0.0, 1.0))
+    return tuple(share * rgb + (1.0 - share) * np.ones(3))
+
+
+def _fill_legend(ax, fill_key: str, handles: list, labels: list) -> None:
+    from matplotlib.lines import Line2D
+
+    for share, text in ((1.0, f"marker fill = share {fill_key}: all"), (0.5, "half"), (0.0, "none")):
+        handles.append(Line2D([], [], marker="o", ls="", ms=7, color="0.3", markerfacecolor=_fill("0.3", share)))
+        labels.append(text)
+    ax.legend(handles, labels, frameon=False, fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def plot_seed_bands(paths: dict[str, Sequence[Sequence[dict]]], x: str = "kl", y: str = "reward",
+                    grid: Sequence[float] | None = None, fill_key: str | None = "grammatical", ax=None,
+                    title: str | None = None, colors: dict | None = None, linthresh: float | None = 1.0,
+                    n_grid: int = 12, level: float = 0.95):
+    """Paths over seeds: for each label, the median over seeds of ``y`` at equal ``x`` and a bootstrap band.
+
+    ``paths[label]`` holds one path per seed (rows in step order, as ``TrainResult.evaluations``). Each seed's
+    path is read at the same ``x`` values (``evaluate.at_matched_kl``, with ``key=x``): ``grid``, or ``n_grid``
+    values from the smallest start to the largest reach over seeds. The band (``seeds.bootstrap_interval`` of
+    the median, ``level``) and the line are drawn only where every seed's path reaches: beyond that the median
+    would be over fewer seeds than the label claims. Markers show the median of ``fill_key`` (a share) as
+    their fill: full colour = all samples grammatical, hollow = none. ``linthresh``: symlog x axis (None: linear).
+    """
+    from .evaluate import at_matched_kl
+    from .seeds import bootstrap_interval
+
+    fig, (ax,) = _axes(ax, figsize=(7.2, 4.8))
+    cmap = plt.get_cmap("viridis")
+    handles, labels = [], []
+    for i, (label, per_seed) in enumerate(paths.items()):
+        per_seed = [list(p) for p in per_seed]
+        if not per_seed or any(not p for p in per_seed):
+            raise ValueError(f"plot_seed_bands: {label!r} needs at least one non-empty path per seed")
+        color = (colors or {}).get(label, cmap(i / max(1, len(paths) - 1) * 0.9))
+        xs = np.asarray(grid, float) if grid is not None else np.linspace(
+            min(min(r[x] for r in p) for p in per_seed), max(max(r[x] for r in p) for p in per_seed), n_grid)
+        read = [at_matched_kl(p, xs, key=x) for p in per_seed]  # (seeds, grid)
+        ys = np.array([[row.get(y, np.nan) for row in seed] for seed in read], float)  # (seeds, grid)
+        ok = np.all(np.isfinite(ys), axis=0)
+        if not ok.any():
+            continue
+        summaries = [bootstrap_interval(ys[:, j], level=level) for j in np.flatnonzero(ok)]
+        gx = xs[ok]
+        line, = ax.plot(gx, [s.median for s in summaries], "-", lw=1.8, color=color)
+        ax.fill_between(gx, [s.low for s in summaries], [s.high for s in summaries], color=color, alpha=0.2, lw=0)
+        if fill_key is not None:
+            shares = np.array([[row.get(fill_key, np.nan) for row in seed] for seed in read], float)[:, ok]
+            for gxj, yj, share in zip(gx, [s.median for s in summaries], np.nanmedian(shares, axis=0)):
+                ax.plot([gxj], [yj], "o", ms=6, color=color, markerfacecolor=_fill(color, share),
+                        markeredgewidth=1.2, zorder=4)
+        handles.append(line)
+        labels.append(f"{label} (median of {len(per_seed)} seeds, {level:.0%} band)")
+    if linthresh is not None and x == "kl":
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(left=0)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per completion" if x == "kl" else x)
+    ax.set_ylabel(f"{y} (held-out prompts)" if y == "reward" else y)
+    ax.set_title(title or f"{y} against {x}, over seeds")
+    ax.grid(alpha=0.3, which="both")
+    if fill_key is not None:
+        _fill_legend(ax, fill_key, handles, labels)
+    else:
+        ax.legend(handles, labels, frameon=False, fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def plot_seed_points(points: dict[str, Sequence[dict]], x: str = "kl", y: str = "reward",
+                     fill_key: str | None = "grammatical", reference: dict | None = None, ax=None,
+                     title: str | None = None, colors: dict | None = None, linthresh: float | None = 1.0,
+                     marker: str = "o", level: float = 0.95):
+    """End points over seeds: the median of ``x`` and ``y`` with bootstrap interval bars in both directions.
+
+    ``points[label]`` holds one row per seed (dicts with ``x``, ``y`` and optionally ``fill_key``, a share
+    drawn as the marker's fill: full colour = all samples grammatical, hollow = none). ``reference``: pi_ref's
+    row, drawn at x = 0. Returns the Figure; the numbers are ``seeds.summarize`` of the same rows.
+    """
+    from .seeds import bootstrap_interval
+
+    fig, (ax,) = _axes(ax, figsize=(7.2, 4.8))
+    cmap = plt.get_cmap("tab10")
+    handles, labels = [], []
+    for i, (label, rows) in enumerate(points.items()):
+        rows = list(rows)
+        if not rows:
+            raise ValueError(f"plot_seed_points: {label!r} has no rows")
+        color = (colors or {}).get(label, cmap(i % 10))
+        sx = bootstrap_interval([r[x] for r in rows], level=level)
+        sy = bootstrap_interval([r[y] for r in rows], level=level)
+        share = float(np.median([r[fill_key] for r in rows])) if fill_key is not None else 1.0
+        ax.errorbar([sx.median], [sy.median], xerr=[[sx.median - sx.low], [sx.high - sx.median]],
+                    yerr=[[sy.median - sy.low], [sy.high - sy.median]], fmt=marker, ms=8, color=color,
+                    markerfacecolor=_fill(color, share), markeredgewidth=1.3, capsize=3, lw=1.2, zorder=4)
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], ".", ms=4, color=color, alpha=0.5, zorder=3)
+        handles.append(ax.get_lines()[-1])
+        labels.append(f"{label} ({len(rows)} seeds)")
+    if reference is not None:
+        ref, = ax.plot([0], [reference[y]], "s", ms=8, color=COLORS["reference"], markeredgecolor="black", zorder=5)
+        handles.append(ref)
+        labels.append("π_ref")
+    if linthresh is not None and x == "kl":
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(left=0)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per completion" if x == "kl" else x)
+    ax.set_ylabel(f"{y} (held-out prompts)" if y == "reward" else y)
+    ax.set_title(title or f"median over seeds, {level:.0%} bootstrap intervals; dots: single seeds")
+    ax.grid(alpha=0.3, which="both")
+    if fill_key is not None:
+        _fill_legend(ax, fill_key, handles, labels)
+    else:
+        ax.legend(handles, labels, frameon=False, fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,174 @@
+"""Seeds as an axis: several DPO runs trained together (experiment.run_dpo_seeds), relabelled pairs
+(experiment.relabel), paths read at matched KL (evaluate.at_matched_kl) and the over-seeds plots."""
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _fixtures import fresh_model
+from minidpo import experiment, plots
+from minidpo import world as w
+from minidpo.evaluate import at_matched_kl
+from minidpo.tokenizer import train_tokenizer
+from minidpo.train import DPOConfig
+
+quiet = lambda *args: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A World small enough for tests: a 1-layer GPT-2 (untrained; the equality tests need no fluency) and 96
+    pairs of real completions of the grammar, labelled by the Bradley-Terry labeller."""
+    cfg = w.WorldConfig(n_corpus=400)
+    corpus = w.generate_corpus(cfg)
+    tokenizer = train_tokenizer(corpus, model_max_length=64, full_byte_alphabet=False)
+    prompts, completions = [], []
+    for a, b, c in zip(corpus[0::3], corpus[1::3], corpus[2::3]):
+        prompt, ca = w.split_review(a)
+        prompts.append(prompt)
+        completions.append([ca, w.split_review(b)[1] if w.split_review(b)[1] != ca else w.split_review(c)[1]])
+    pairs = w.label_pairs(prompts, completions, cfg)
+    train_pairs = pairs.select(range(96))
+    return experiment.World(tokenizer, fresh_model(tokenizer), train_pairs, pairs.select(range(96, 112)),
+                            prompts[96:112], cfg, Path(tmp_path_factory.mktemp("world")))
+
+
+def _cfg(**kw):
+    return DPOConfig(**{"batch_size": 8, "max_steps": 10, "lr": 3e-3, "warmup_steps": 2, "cache_dir": None,
+                        "show_progress": False, "device": "cpu", **kw})
+
+
+def _max_weight_gap(a, b) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("change", [dict(loss_type="sigmoid", max_grad_norm=0.05), dict(loss_type="ipo", beta=0.5),
+                                    dict(loss_type="hinge"), dict(loss_type="kto"), dict(rpo_alpha=1.0)])
+def test_run_dpo_seeds_equals_separate_runs(tiny_world, change):
+    cfg, seeds = _cfg(**change), [0, 1, 2]
+    together = experiment.run_dpo_seeds(tiny_world, cfg, seeds, log=quiet)
+    for seed, run in zip(seeds, together):
+        alone = experiment.run_dpo(tiny_world, replace(cfg, seed=seed), log=quiet)
+        assert len(run.history) == len(alone.history) == cfg.max_steps
+        for a, b in zip(run.history, alone.history):
+            assert a["step"] == b["step"] and a["learning_rate"] == pytest.approx(b["learning_rate"], abs=1e-12)
+            # float32 sums in another order (a batched matmul): equal to ~1e-5 relative, no closer
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (seed, a["step"])
+            for key in ("logps/chosen", "logps/rejected"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (seed, a["step"], key)
+        # Adam divides by sqrt(v), so float32 rounding in a gradient near 0 moves a weight by up to ~lr * 1e-2:
+        # ~1e-5 after 10 steps at lr 3e-3, against ~1.5e-2 moved in all and > 1e-3 between seeds (below)
+        assert _max_weight_gap(run.model, alone.model) < 3e-5
+    if change.get("max_grad_norm") == 0.05:  # clipping was active, and per seed: the equality above covers it
+        assert all(r["grad_norm"] > 0.05 for r in together[0].history)
+    # negative control: another seed's run is far from this one, so the tolerance above can fail
+    other = experiment.run_dpo(tiny_world, replace(cfg, seed=seeds[1]), log=quiet)
+    assert _max_weight_gap(together[0].model, other.model) > 1e-3
+
+
+def test_run_dpo_seeds_with_relabelled_pairs_per_seed(tiny_world):
+    cfg, seeds = _cfg(), [3, 4]
+    pairs = [experiment.relabel(tiny_world, s) for s in seeds]
+    together = experiment.run_dpo_seeds(tiny_world, cfg, seeds, pairs_per_seed=pairs, log=quiet)
+    for seed, data, run in zip(seeds, pairs, together):
+        alone = experiment.run_dpo(tiny_world, replace(cfg, seed=seed), pairs=data, log=quiet)
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(run.history, alone.history)) < 1e-5
+        assert _max_weight_gap(run.model, alone.model) < 3e-5
+    # the reference's weights are untouched
+    assert _max_weight_gap(tiny_world.reference, fresh_model(tiny_world.tokenizer)) == 0.0
+
+
+def test_run_dpo_seeds_callbacks(tiny_world):
+    seen = []
+
+    def trace(step, policies):
+        seen.append(step)
+        return [{"w": float(next(p.parameters()).detach().sum()), "training": p.training} for p in policies]
+
+    runs = experiment.run_dpo_seeds(tiny_world, _cfg(max_steps=6), [0, 1], callback=trace, callback_every=4, log=quiet)
+    assert seen == [0, 4, 6]
+    assert [e["step"] for e in runs[0].evaluations] == [0, 4, 6]
+    assert runs[0].evaluations[0]["w"] == runs[1].evaluations[0]["w"]  # both start at pi_ref
+    assert runs[0].evaluations[-1]["w"] != runs[1].evaluations[-1]["w"]  # and end apart
+    assert not runs[0].evaluations[1]["training"]  # callbacks see eval mode
+    assert runs[0].evaluations[-1]["w"] == pytest.approx(float(next(runs[0].model.parameters()).detach().sum()))
+    per_seed = experiment.run_dpo_seeds(tiny_world, _cfg(max_steps=2), [0, 1],
+                                        callback=[lambda s, m: {"seed": 0}, lambda s, m: {"seed": 1}], log=quiet)
+    assert [e["seed"] for e in per_seed[1].evaluations] == [1, 1]
+
+
+def test_run_dpo_seeds_rejects_bad_input(tiny_world):
+    with pytest.raises(ValueError, match="at least one seed"):
+        experiment.run_dpo_seeds(tiny_world, _cfg(), [], log=quiet)
+    with pytest.raises(ValueError, match="pairs_per_seed"):
+        experiment.run_dpo_seeds(tiny_world, _cfg(), [0, 1], pairs_per_seed=[tiny_world.train_pairs], log=quiet)
+    with pytest.raises(ValueError, match="different step counts"):
+        experiment.run_dpo_seeds(tiny_world, _cfg(max_steps=None), [0, 1],
+                                 pairs_per_seed=[tiny_world.train_pairs, tiny_world.train_pairs.select(range(48))],
+                                 log=quiet)
+
+
+def test_relabel_keeps_completions_and_draws_new_labels(tiny_world):
+    a, b, a2 = experiment.relabel(tiny_world, 1), experiment.relabel(tiny_world, 2), experiment.relabel(tiny_world, 1)
+    orig = tiny_world.train_pairs
+    assert len(a) == len(orig)
+    for row, o in zip(a, orig):
+        assert row["prompt"] == o["prompt"] and {row["chosen"], row["rejected"]} == {o["chosen"], o["rejected"]}
+    assert list(a["chosen"]) == list(a2["chosen"])  # the same seed, the same labels
+    differ = np.mean([x != y for x, y in zip(a["chosen"], b["chosen"])])
+    assert 0.02 < differ < 0.6, differ  # another seed flips some labels, not all
+    # Bradley-Terry labels: the rate of lower-reward choices matches the labeller's expectation
+    noise = w.label_noise(a)
+    assert abs(noise["measured"] - noise["expected"]) < 0.12
+
+
+def test_at_matched_kl_interpolates_every_numeric_key():
+    path = [{"step": 0, "kl": 0.0, "reward": 0.0, "grammatical": 1.0, "samples": ["x"]},
+            {"step": 16, "kl": 2.0, "reward": 4.0, "grammatical": 0.5, "samples": ["y"]},
+            {"step": 32, "kl": 4.0, "reward": 5.0, "grammatical": 0.0, "samples": ["z"]}]
+    got = at_matched_kl(path, [1.0, 3.0, 4.0, 5.0])
+    assert got[0] == {"kl": 1.0, "step": 8.0, "reward": 2.0, "grammatical": 0.75}
+    assert got[1] == {"kl": 3.0, "step": 24.0, "reward": 4.5, "grammatical": 0.25}
+    assert got[2]["reward"] == 5.0
+    assert all(math.isnan(v) for k, v in got[3].items() if k != "kl")  # beyond the path's reach
+    # a path that comes back across a KL it passed is read where it first got there
+    back = path + [{"step": 48, "kl": 1.0, "reward": 9.0, "grammatical": 0.0, "samples": []}]
+    assert at_matched_kl(back, [1.0])[0]["reward"] == 2.0
+    with pytest.raises(ValueError):
+        at_matched_kl([], [1.0])
+    with pytest.raises(ValueError):
+        at_matched_kl([{"reward": 1.0}], [1.0])
+
+
+def test_at_matched_kl_changes_the_verdict_where_end_points_mislead():
+    # A buys reward at 1 per nat and stops at KL 4; B buys it at 0.5 per nat and goes on to KL 10.
+    a = [{"kl": float(k), "reward": float(k)} for k in range(5)]
+    b = [{"kl": float(k), "reward": 0.5 * k} for k in range(11)]
+    assert b[-1]["reward"] > a[-1]["reward"]  # negative control: the end points rank B first
+    grid = [0.5, 1.0, 2.0, 3.0, 4.0]
+    ra, rb = at_matched_kl(a, grid), at_matched_kl(b, grid)
+    assert all(x["reward"] > y["reward"] for x, y in zip(ra, rb))  # at equal KL, A is ahead everywhere
+    assert math.isnan(at_matched_kl(a, [6.0])[0]["reward"]) and at_matched_kl(b, [6.0])[0]["reward"] == 3.0
+
+
+def test_seed_plots_draw_the_medians_they_are_given():
+    paths = {"A": [[{"kl": 0.0, "reward": 0.0, "grammatical": 1.0}, {"kl": 2.0, "reward": 2.0 * s,
+                                                                        "grammatical": 0.5}] for s in (1, 2, 3)]}
+    fig = plots.plot_seed_bands(paths, grid=[0.0, 1.0, 2.0])
+    line = fig.axes[0].get_lines()[0]
+    assert np.allclose(line.get_xdata(), [0.0, 1.0, 2.0]) and np.allclose(line.get_ydata(), [0.0, 2.0, 4.0])
+    # beyond one seed's reach the band stops: the median would be over fewer seeds
+    short = {"A": paths["A"] + [[{"kl": 0.0, "reward": 0.0, "grammatical": 1.0}, {"kl": 1.0, "reward": 1.0,
+                                                                                  "grammatical": 1.0}]]}
+    line = plots.plot_seed_bands(short, grid=[0.0, 1.0, 2.0]).axes[0].get_lines()[0]
+    assert np.allclose(line.get_xdata(), [0.0, 1.0])
+    rows = {"B": [{"kl": k, "reward": r, "grammatical": 0.0} for k, r in ((1, 3), (2, 5), (3, 4))]}
+    fig = plots.plot_seed_points(rows, reference={"reward": 0.0})
+    marker = fig.axes[0].get_lines()[0]
+    assert marker.get_xdata()[0] == 2 and marker.get_ydata()[0] == 4  # the medians
+    assert marker.get_markerfacecolor()[:3] == (1.0, 1.0, 1.0)  # no grammatical samples: a hollow marker
+    plots.plt.close("all")
