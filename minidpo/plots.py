@@ -681,3 +681,37 @@ def plot_seed_points(points: dict[str, Sequence[dict]], x: str = "kl", y: str = 
         ax.legend(handles, labels, frameon=False, fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ interactive beta (01 and 03)
+
+
+def plot_beta_explorer(reference_probs: Sequence[float], optimal_probs: Sequence[float], rewards: Sequence[float],
+                       beta: float, reward_gap: float, axes=None):
+    """Two panels for one prompt of the exact world at one beta (notebooks 01 and 03, behind a slider).
+
+    Left: pi_ref(y|x) and pi*(y|x) = pi_ref exp(r/beta)/Z per response (the caller computes pi*). Right: the DPO
+    gradient weight beta sigma(-beta h) against the log-ratio margin h, with the pair whose implicit-reward gap
+    r_hat_w - r_hat_l = beta h equals ``reward_gap`` marked.
+    """
+    fig, (ax1, ax2) = _axes(axes, 2, figsize=(5.2, 3.6))
+    ref, star, r = (np.asarray(v, dtype=float) for v in (reference_probs, optimal_probs, rewards))
+    ys = np.arange(len(ref))
+    ax1.bar(ys - 0.2, ref, 0.4, color=COLORS["reference"], label="π_ref")
+    ax1.bar(ys + 0.2, star, 0.4, color=COLORS["policy"], label=f"π* (β = {beta:.2g})")
+    ax1.set_xticks(ys, [f"y{y}\nr={v:+.1f}" for y, v in zip(ys, r)])
+    ax1.set(ylim=(0, 1.3), yticks=np.linspace(0, 1, 6), ylabel="probability", title="π* on the exact world (one prompt)")
+    ax1.legend(frameon=False, loc="upper center", ncol=2)  # in the band above 1, where no bar reaches
+    h_pair = reward_gap / beta
+    h_max = max(6 / beta, 1.2 * abs(h_pair))  # wide enough for the sigmoid's bend and for the marked pair
+    h = np.linspace(-h_max, h_max, 401)
+    ax2.plot(h, beta / (1 + np.exp(beta * h)), color=COLORS["policy"])
+    weight = beta / (1 + np.exp(reward_gap))
+    ax2.plot([h_pair], [weight], "o", color=COLORS["rejected"], ms=8,
+             label=f"gap r̂_w − r̂_l = {reward_gap:+.1f}: weight {weight:.3g}")
+    ax2.axhline(beta / 2, color=COLORS["reference"], ls=":", lw=1, label="β/2 (at π_θ = π_ref)")
+    ax2.set(xlim=(-h_max, h_max), ylim=(0, beta * 1.45), xlabel="log-ratio margin h",
+            ylabel="weight β σ(−β h)", title="DPO gradient weight of one pair")
+    ax2.legend(frameon=False, loc="upper right", fontsize=10)  # above the curve, which stays below beta
+    fig.tight_layout()
+    return fig
