@@ -1,6 +1,6 @@
 """Writes the exercise notebooks from one source: exercises/NN_*.ipynb (stubs) and exercises/solutions/ (worked).
 
-    .venv/bin/python exercises/build.py
+    .venv/bin/python exercises/build.py --execute    # --execute: solutions keep their outputs
 
 One source for both versions keeps statements, tags and checks in step: an exercise is a markdown statement, then
 a code cell tagged ``exercise-N`` whose student version is ``STUB`` and whose solution is ``SOLUTION``. The checks
@@ -709,11 +709,27 @@ def build(cells, solution: bool):
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true",
+                        help="run each solution notebook and keep its outputs (what a teacher reads on GitHub)")
+    args = parser.parse_args()
     (HERE / "solutions").mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
-        nbformat.write(build(cells, solution=False), HERE / f"{name}.ipynb")
-        nbformat.write(build(cells, solution=True), HERE / "solutions" / f"{name}.ipynb")
-        print(f"wrote exercises/{name}.ipynb and exercises/solutions/{name}.ipynb")
+        nbformat.write(build(cells, solution=False), HERE / f"{name}.ipynb")  # students get no outputs
+        solution = build(cells, solution=True)
+        if args.execute:
+            import subprocess
+
+            from nbclient import NotebookClient
+
+            client = NotebookClient(solution, timeout=300, kernel_name="python3",
+                                    resources={"metadata": {"path": str(HERE / "solutions")}})
+            client.execute(stderr=subprocess.DEVNULL)  # the kernel's start-up chatter, not the cells' output
+        nbformat.write(solution, HERE / "solutions" / f"{name}.ipynb")
+        print(f"wrote exercises/{name}.ipynb and exercises/solutions/{name}.ipynb"
+              + (" (executed)" if args.execute else ""))
 
 
 if __name__ == "__main__":
