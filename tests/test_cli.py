@@ -22,7 +22,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "MPLBACKEND"
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """A save_pretrained model folder and a jsonl of pairs: the real `--model`/`--data` path, small."""
-    root = tmp_path_factory.mktemp("local")
+    return make_local(tmp_path_factory.mktemp("local"))
+
+
+def make_local(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     pairs, corpus = make_pairs(n=48)
     tok = train_tokenizer(corpus, model_max_length=64)
     model = tiny_gpt2(len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
