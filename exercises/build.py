@@ -47,18 +47,32 @@ from minidpo.grading import format_table, grade_namespace
 print(format_table(grade_namespace(globals(), {numbers!r})))""")
 
 
+# exercise notebook -> the course notebook it goes with
+FILES = {
+    "01": ("01_optimal_policy", "01_rlhf_objective_to_optimal_policy"),
+    "02": ("02_dpo_loss", "02_bradley_terry_to_dpo_loss"),
+    "03": ("03_gradient_and_logps", "03_dpo_gradient"),
+    "04": ("04_tokens_and_displacement", "04_preference_displacement"),
+    "05": ("05_training_step_and_sweep", "05_tiny_dpo_run_and_frontier"),
+    "06": ("06_variants", "06_variants_side_by_side"),
+    "07": ("07_claim_check", "07_claims_checked"),
+}
+
+
 def header(nn: str, title: str, minutes: int, numbers: list[int], goals: str) -> tuple:
     first, last = numbers[0], numbers[-1]
+    mine, course = FILES[nn]
+    count = f"Exercises {first} to {last}" if last > first else f"Exercise {first}"
     return md(f"""# Exercises {nn} · {title}
 
-Goes with the course notebook `notebooks/{nn}_*.ipynb`. Exercises {first} to {last}, about {minutes} minutes.
+Goes with the course notebook [`{course}`](../notebooks/{course}.ipynb). {count}, about {minutes} minutes.
 
 {goals.strip()}
 
 **How it works.** Each exercise has a statement and a code cell tagged `exercise-N` with a stub that raises
 `NotImplementedError`. Replace the stub, run the cell, then run the last cell of the notebook (or
-`minidpo grade {nn}_*.ipynb` in a terminal): one row per exercise, passed or failed with a hint. Notation:
-`notes/NOTATION.md` (y_w chosen, y_l rejected, h the difference of log-ratios, r the reward only).""")
+`minidpo grade exercises/{mine}.ipynb` in a terminal): one row per exercise, passed or failed with a hint. Notation:
+[`notes/NOTATION.md`](../notes/NOTATION.md) (y_w chosen, y_l rejected, h the difference of log-ratios, r the reward only).""")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,15 +691,8 @@ draws both on the GPT-2 world."""),
     check_cell([16]),
 ]
 
-NOTEBOOKS = {
-    "01_optimal_policy": NB01,
-    "02_dpo_loss": NB02,
-    "03_gradient_and_logps": NB03,
-    "04_tokens_and_displacement": NB04,
-    "05_training_step_and_sweep": NB05,
-    "06_variants": NB06,
-    "07_claim_check": NB07,
-}
+NOTEBOOKS = {FILES[nn][0]: cells for nn, cells in
+             zip(FILES, (NB01, NB02, NB03, NB04, NB05, NB06, NB07))}
 
 
 def build(cells, solution: bool):
