@@ -68,6 +68,48 @@ def test_grader_is_independent_of_the_functions_students_reimplement():
             assert not any(a.name.startswith("minidpo") for a in node.names)
 
 
+def test_grader_references_match_golden_values_and_the_package():
+    """The grader's own references (numpy) against stored golden numbers, and against minidpo's functions:
+    two independent implementations of each formula, so the grader checks the package too."""
+    import numpy as np
+
+    import minidpo
+    from minidpo import bandit, evaluate
+
+    pc, pr, rc, rr = grading._fixed_logps()
+    assert float(grading._dpo_ref(pc, pr, rc, rr, 0.1)[0].sum()) == pytest.approx(4.072788159919561, abs=1e-12)
+    for beta in (0.1, 2.0):
+        want = grading._dpo_ref(pc, pr, rc, rr, beta)
+        got = minidpo.preference_loss(*(torch.tensor(v) for v in (pc, pr, rc, rr)), beta=beta)
+        assert all(np.allclose(a.numpy(), b) for a, b in zip(got, want))
+
+    logits, _, labels = grading._fixed_sequences()
+    golden = [-13.751940036216826, -12.18879077421998, -21.144473284803833]
+    assert grading._seq_logps(logits, labels) == pytest.approx(golden, abs=1e-10)
+    assert minidpo.sequence_logps(torch.tensor(logits), torch.tensor(labels)).numpy() == pytest.approx(golden, abs=1e-4)
+
+    ref, r = grading._fixed_tables()
+    star = grading._pi_star(ref, r, 0.5)
+    assert star[0, 4] == pytest.approx(0.5348464986313687, abs=1e-12)
+    assert np.allclose(minidpo.optimal_policy(torch.tensor(ref), torch.tensor(r), 0.5).numpy(), star)
+    pi = np.random.default_rng(0).dirichlet(np.ones(5), size=3)
+    assert float(bandit.rlhf_objective(torch.tensor(pi), torch.tensor(ref), torch.tensor(r), 0.7)) == \
+        pytest.approx(grading._objective(pi, ref, r, 0.7), abs=1e-12)
+
+    u = np.random.default_rng(14).normal(size=(5, 4)) * 3
+    golden = [0.6172436560110242, 4.377617000096442, 7.85263591768026, 4.521218711700269, 4.2479447846118035]
+    assert grading._plackett_luce(u, 0.5) == pytest.approx(golden, abs=1e-10)
+    got = bandit.plackett_luce_loss(torch.tensor(u), torch.zeros(5, 4, dtype=torch.float64), 0.5)
+    assert got.numpy() == pytest.approx(golden, abs=1e-10)
+
+    ref5, tied = np.array([0.3, 0.1, 0.2, 0.25, 0.15]), np.array([0.0, 1.0, 1.0, 0.0, 2.0])
+    assert grading._best_of_n_kl(ref5, tied, 4) == pytest.approx(0.5453407674316811, abs=1e-12)
+    samples = [0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 3.0, 3.0]  # equal weights: the package's plug-in estimate
+    for n in (1, 2, 5):
+        (row,) = evaluate.best_of_n([samples], [n])
+        assert row["kl"] == pytest.approx(grading._best_of_n_kl(np.full(8, 1 / 8), np.array(samples), n), abs=1e-12)
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
 def test_every_solution_passes(path):
     results = grading.run_in_process(path)
