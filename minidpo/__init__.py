@@ -31,8 +31,8 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-_SUBMODULES = ("bandit", "cli", "data", "derivations", "evaluate", "experiment", "logps", "losses", "models",
-               "plots", "profiling", "tokenizer", "train", "world")
+_SUBMODULES = ("bandit", "cli", "data", "derivations", "evaluate", "experiment", "grading", "logps", "losses",
+               "models", "plots", "profiling", "tokenizer", "train", "world")
 
 
 def __getattr__(name: str):
