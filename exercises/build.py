@@ -350,7 +350,12 @@ tensors) of length `length`:
 
 Raise `ValueError` if prompt + completion + EOS is longer than `length` (cutting silently would drop the EOS).
 GPT-2 has no pad token, so trainers pad with EOS (`pad_id == eos_id`): then labelling padding with its id would
-teach the model to say EOS forever, and without the EOS label the model is never scored on *stopping*.""", """
+teach the model to say EOS forever, and without the EOS label the model is never scored on *stopping*.
+
+Why ids and not text: the prompt's tokens must be an exact prefix of the full sequence, or the −100 boundary lands
+in the wrong place. Tokenizing `prompt + completion` as one string can merge tokens across the boundary, and a
+chat model's prompt must be rendered by its chat template *with* the generation prompt (the assistant header),
+exactly as at inference. Tokenize the parts, then concatenate the ids, as here.""", """
 def build_example(prompt_ids, completion_ids, eos_id, pad_id, length):
     \"\"\"{"input_ids", "attention_mask", "labels"}, each of length `length`.\"\"\"
     raise NotImplementedError("Exercise 9: build one example")""", """
