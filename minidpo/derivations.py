@@ -135,16 +135,19 @@ def _random_value(atom, rng: random.Random) -> float:
     return size if rng.random() < 0.5 else -size
 
 
-def _concrete(expression, rng: random.Random, n_value: int = 3):
-    """Replace unknown functions f(theta) by random quadratics and symbolic sum limits by ``n_value``."""
-    expr = sp.sympify(expression)
-    for f in {a.func for a in expr.atoms(AppliedUndef)}:
-        c0, c1, c2 = (rng.uniform(-1, 1) for _ in range(3))
+def _concrete(expression, rng: random.Random, n_value: int = 3) -> tuple:
+    """Replace unknown functions f(theta) by random quadratics and symbolic sum limits by ``n_value``.
+    Returns (the expression, {"f(t)": the quadratic used, as text})."""
+    expr, used = sp.sympify(expression), {}
+    for f in sorted({a.func for a in expr.atoms(AppliedUndef)}, key=str):
+        c0, c1, c2 = (round(rng.uniform(-1, 1), 2) for _ in range(3))
         expr = expr.replace(f, lambda *args, c0=c0, c1=c1, c2=c2: c0 + c1 * args[0] + c2 * args[0] ** 2)
+        used[f"{f}(t)"] = f"{c0} + {c1} t + {c2} t^2"
     integers = {s: n_value for s in expr.free_symbols if isinstance(s, sp.Symbol) and s.is_integer}
     if integers:
         expr = expr.subs(integers)
-    return expr.doit() if expr.has(sp.Sum, sp.Derivative, sp.Subs) else expr
+        used.update({str(s): v for s, v in integers.items()})
+    return (expr.doit() if expr.has(sp.Sum, sp.Derivative, sp.Subs) else expr), used
 
 
 def counterexample(difference, trials: int = 30, seed: int = 0, tol: float = 1e-8, digits: int = 30) -> dict | None:
@@ -152,11 +155,12 @@ def counterexample(difference, trials: int = 30, seed: int = 0, tol: float = 1e-
 
     Symbols get random values that respect their assumptions (a positive symbol gets a positive number); unknown
     functions of theta become random quadratics; a sum up to a symbolic n is taken with n = 3. Returns
-    {name: value} for the symbols, with the value of the difference under "difference".
+    {name: value} for the symbols (and the quadratics and n used), with the value of the difference under
+    "difference".
     """
     rng = random.Random(seed)
     for _ in range(trials):
-        expr = _concrete(difference, rng)
+        expr, used = _concrete(difference, rng)
         atoms = expr.atoms(sp.Indexed) | {s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
         atoms -= {a.base.label for a in expr.atoms(sp.Indexed)}  # the IndexedBase names themselves
         values = {a: _random_value(a, rng) for a in atoms}
@@ -166,6 +170,7 @@ def counterexample(difference, trials: int = 30, seed: int = 0, tol: float = 1e-
             continue
         if math.isfinite(value.real) and math.isfinite(value.imag) and abs(value) > tol:
             result = {str(a): v for a, v in sorted(values.items(), key=lambda kv: str(kv[0]))}
+            result.update(used)  # the functions and the n it was evaluated with: enough to reproduce it
             result["difference"] = value.real if abs(value.imag) < tol else value
             return result
     return None
