@@ -497,7 +497,7 @@ def cmd_grade(args) -> int:
     except ImportError as e:
         raise UsageError(f"minidpo grade needs nbformat and nbclient ({e.name} is missing): "
                          f"pip install -e '.[dev]'") from None
-    rows, all_passed = [], True
+    rows, all_passed, complete = [], True, 0
     for path in paths:
         print(f"== {path}")
         try:
@@ -508,7 +508,10 @@ def cmd_grade(args) -> int:
             continue
         print(grading.format_table(results))
         all_passed &= all(r.passed for r in results)
+        complete += all(r.passed for r in results)
         rows += [(str(path), r.number, r.title, r.passed, r.message) for r in results]
+    if len(paths) > 1:
+        print(f"== {complete}/{len(paths)} notebooks with every exercise passed")
     if args.csv:
         import csv
 
