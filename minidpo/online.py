@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from . import runs
 from . import world as w
 from .evaluate import pack_completions
 from .logps import completion_logps
@@ -53,6 +54,7 @@ class OnlineConfig:
     max_new_tokens: int = 24  # generation budget per completion (the world's default)
     bt_scale: float = 1.0  # online DPO: the labeller's Bradley-Terry temperature (the world's default)
     seed: int = 0  # prompt order, sampling and the labeller's coins
+    save_every: int = 0  # with an output_dir: checkpoint every N steps (0: at the end and on interrupt only)
     device: str = "auto"  # auto = cuda -> mps -> cpu
 
     def validate(self) -> None:
@@ -63,6 +65,8 @@ class OnlineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.method == "rloo" and not (isinstance(self.k, int) and self.k >= 2):
             raise ValueError(f"RLOO needs k >= 2 samples per prompt (a leave-one-out baseline), got {self.k}")
+        if not (isinstance(self.save_every, int) and self.save_every >= 0):
+            raise ValueError(f"save_every must be a whole number >= 0, got {self.save_every}")
         for name in ("prompts_per_step", "steps", "max_new_tokens"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)}")
@@ -185,13 +189,16 @@ def online_step(policy, reference, tokenizer, prompts: list[str], cfg: OnlineCon
 
 
 def train_online(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, prompts: list[str],
-                 cfg: OnlineConfig, reward_fn=None, output_dir: str | Path | None = None, log=print,
-                 callback=None, callback_every: int = 0) -> OnlineResult:
+                 cfg: OnlineConfig, reward_fn=None, output_dir: str | Path | None = None, resume: bool = False,
+                 log=print, callback=None, callback_every: int = 0) -> OnlineResult:
     """Train ``policy`` with RLOO or online DPO on ``prompts``; ``reference`` (pi_ref) is only read.
 
     ``reward_fn(completion) -> float``: RLOO's reward, online DPO's labeller utility (default: the world's
     true reward). ``callback(step, policy) -> dict`` at step 0, every ``callback_every`` steps and at the end
-    (as ``train.train_dpo``). With ``output_dir``: metrics.jsonl, one row per step, and the final model.
+    (as ``train.train_dpo``). With ``output_dir``: metrics.jsonl (one row per step), checkpoints
+    (``runs.save_checkpoint``: every ``cfg.save_every`` steps, at the end and on Ctrl-C) and the final model;
+    ``resume=True`` continues from the checkpoint there. Prompts, samples and labels are functions of
+    (seed, step), so a resumed run ends where an uninterrupted one ends.
     """
     cfg.validate()
     reward_fn = reward_fn or w.reward
@@ -204,11 +211,31 @@ def train_online(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=min(cfg.warmup_steps, cfg.steps),
                               num_training_steps=cfg.steps)
     out = Path(output_dir) if output_dir is not None else None
+    start = 0
+    if resume:
+        ckpt = runs.find_checkpoint(out) if out is not None else None
+        if ckpt is None:
+            raise ValueError(f"nothing to resume: no checkpoint in {out}")
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        policy.load_state_dict(type(policy).from_pretrained(ckpt).state_dict())
+        policy.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        runs.cut_metrics(out / "metrics.jsonl", start)
+        log(f"resumed from {ckpt} at step {start}")
     metrics_file = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out / "metrics.jsonl", "w")
+        metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
     result = OnlineResult(policy)
+
+    def checkpoint(at_step: int) -> None:
+        def write(folder: Path) -> None:
+            policy.save_pretrained(folder)
+            torch.save({"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "config": asdict(cfg)}, folder / "trainer_state.pt")
+        runs.save_checkpoint(out, at_step, write)
 
     def run_callback(at_step: int) -> None:
         policy.eval()
@@ -216,33 +243,47 @@ def train_online(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
             result.evaluations.append({"step": at_step, **(callback(at_step, policy) or {})})
         policy.train()
 
-    if callback is not None:
+    if callback is not None and start == 0:
         run_callback(0)
     per_epoch = len(prompts) // cfg.prompts_per_step
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        epoch, index = divmod(step, per_epoch)
-        rows = _prompt_batches(len(prompts), cfg.prompts_per_step, cfg.seed, epoch)[index]
-        loss, metrics = online_step(policy, reference, tokenizer, [prompts[i] for i in rows], cfg, reward_fn, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-            raise FloatingPointError(f"{cfg.method}: non-finite loss or gradient at step {step}; try a lower lr")
-        optimizer.step()
-        scheduler.step()
-        row = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
-        result.history.append(row)
+    step = start
+    try:
+        while step < cfg.steps:
+            epoch, index = divmod(step, per_epoch)
+            rows = _prompt_batches(len(prompts), cfg.prompts_per_step, cfg.seed, epoch)[index]
+            loss, metrics = online_step(policy, reference, tokenizer, [prompts[i] for i in rows], cfg, reward_fn,
+                                        step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                raise FloatingPointError(f"{cfg.method}: non-finite loss or gradient at step {step}; try a lower lr")
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            row = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
+            result.history.append(row)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    checkpoint(step)
+            if callback is not None and callback_every and step % callback_every == 0:
+                run_callback(step)
+    except KeyboardInterrupt:
+        if out is not None:
+            checkpoint(step)  # the last finished step: a resume starts the next one
+            log(f"interrupted at step {step}: checkpoint saved in {out}; continue with resume")
+        raise
+    finally:
         if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if callback is not None and callback_every and (step + 1) % callback_every == 0:
-            run_callback(step + 1)
+            metrics_file.close()
     result.seconds = time.perf_counter() - t0
-    if callback is not None and result.evaluations[-1]["step"] != cfg.steps:
+    if callback is not None and result.evaluations and result.evaluations[-1]["step"] != cfg.steps:
         run_callback(cfg.steps)
-    if metrics_file is not None:
-        metrics_file.close()
+    if out is not None:
+        checkpoint(step)
         policy.save_pretrained(out)
         tokenizer.save_pretrained(out)
     policy.eval()
@@ -257,8 +298,8 @@ def budget(cfg: OnlineConfig) -> dict:
     return {"policy_samples": samples, "labelled_pairs": labels, "gradient_steps": cfg.steps}
 
 
-def run_online(world, cfg: OnlineConfig | None = None, reward_fn=None, output_dir=None, log=print,
-               callback=None, callback_every: int = 0) -> OnlineResult:
+def run_online(world, cfg: OnlineConfig | None = None, reward_fn=None, output_dir=None, resume: bool = False,
+               log=print, callback=None, callback_every: int = 0) -> OnlineResult:
     """Train a copy of the world's pi_ref online on its training prompts (the prompts of its pairs)."""
     from .experiment import small_model_threads
 
@@ -267,7 +308,8 @@ def run_online(world, cfg: OnlineConfig | None = None, reward_fn=None, output_di
     policy = copy.deepcopy(world.reference)
     with small_model_threads(policy):
         return train_online(policy, world.reference, world.tokenizer, prompts, cfg, reward_fn=reward_fn,
-                            output_dir=output_dir, log=log, callback=callback, callback_every=callback_every)
+                            output_dir=output_dir, resume=resume, log=log, callback=callback,
+                            callback_every=callback_every)
 
 
 __all__ = ["OnlineConfig", "OnlineResult", "METHODS", "rloo_loss", "online_dpo_loss", "online_step",

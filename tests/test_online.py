@@ -7,6 +7,7 @@ drawn from the current policy and labelled by Bradley-Terry. Each check has a ne
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -256,3 +257,25 @@ def test_best_of_n_selected_by_one_reward_scored_by_another():
     assert by_proxy[0]["reward"] < by_proxy[1]["reward"] < by_proxy[2]["reward"] < by_truth[2]["reward"]
     backwards = best_of_n((-proxy).tolist(), ns, truth.tolist())  # control: selecting the worst
     assert backwards[2]["reward"] < backwards[0]["reward"] - 1.0
+
+
+def test_resume_gives_the_uninterrupted_run(tiny, tmp_path):
+    tok, ref, train, _ = tiny
+    cfg = OnlineConfig(method="online-dpo", steps=6, prompts_per_step=8, save_every=2, device="cpu")
+    full = train_online(copy.deepcopy(ref), ref, tok, train, cfg, output_dir=tmp_path / "full", log=lambda *a: None)
+    cut = OnlineConfig(method="online-dpo", steps=6, prompts_per_step=8, save_every=2, device="cpu")
+
+    def stop_at_4(step, model):
+        if step == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_online(copy.deepcopy(ref), ref, tok, train, cut, output_dir=tmp_path / "cut", log=lambda *a: None,
+                     callback=stop_at_4, callback_every=1)
+    resumed = train_online(copy.deepcopy(ref), ref, tok, train, cut, output_dir=tmp_path / "cut", resume=True,
+                           log=lambda *a: None)
+    assert [r["step"] for r in resumed.history] == [5, 6]
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == full.history  # the same prompts, samples, labels and updates as the uninterrupted run
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train_online(copy.deepcopy(ref), ref, tok, train, cut, output_dir=tmp_path / "empty", resume=True,
+                     log=lambda *a: None)
