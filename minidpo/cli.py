@@ -137,6 +137,7 @@ def _figure(fig, out: Path, name: str) -> list[str]:
     written = plots.save(fig, out / f"{name}.png")
     if os.environ.get(plots.FIGURES_ENV):
         written += plots.save_figure(fig, name)
+    plots.plt.close(fig)  # a command may draw several; none is shown
     return written
 
 
@@ -478,6 +479,48 @@ def cmd_sample(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# minidpo online: RLOO or online DPO on the synthetic world (notebook 08)
+# ---------------------------------------------------------------------------------------------------------
+
+ONLINE_FLAGS = ("method", "reward", "beta", "k", "prompts_per_step", "steps", "lr", "save_every", "seed", "device")
+
+
+def cmd_online(args) -> int:
+    from . import runs
+
+    settings = {k: getattr(args, k) for k in ONLINE_FLAGS}
+    if args.resume:  # continue with the settings the run was started with
+        settings.update((runs.check_output_dir(args.output_dir, "online", resume=True) or {}).get("args") or {})
+    with runs.run_folder(args.output_dir, "online", resume=args.resume, overwrite=args.overwrite,
+                         info=None if args.resume else {"args": settings}) as out:
+        from . import evaluate as ev
+        from . import experiment
+        from .online import OnlineConfig, run_online
+        from .world import gold_reward
+
+        cfg = OnlineConfig(**{k: v for k, v in settings.items() if k != "reward"})
+        cfg.validate()  # a bad value is one error: line before any work
+        world = experiment.build_world(cache_dir=runs.default_cache_dir(), device=cfg.device, show_progress=False,
+                                       log=lambda *_: None)
+        reward_fn = None
+        if settings["reward"] == "learned":  # a bag-of-words Bradley-Terry model fit on the world's pairs
+            from .reward_model import fit_reward_model
+
+            reward_fn = fit_reward_model(world.train_pairs)
+        result = run_online(world, cfg, reward_fn=reward_fn, output_dir=out, resume=args.resume)
+        e = experiment.evaluate(world, result.model, beta=cfg.beta, n_samples=1)
+        report = {k: e[k] for k in ("reward", "reward_se", "kl", "kl_se", "grammatical", "length")}
+        report["gold"] = ev.mean_reward(e["completions"], gold_reward)[0]
+        report["budget"] = result.budget
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+    print(f"{cfg.method} ({settings['reward']} reward), {len(result.history)} steps in {result.seconds:.1f} s; "
+          f"held-out: reward {report['reward']:+.2f} ± {report['reward_se']:.2f}, KL {report['kl']:.2f}, "
+          f"{report['grammatical']:.0%} grammatical, gold reward {report['gold']:+.2f}")
+    print(f"wrote the model, metrics.jsonl, a checkpoint and eval.json to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # minidpo grade
 # ---------------------------------------------------------------------------------------------------------
 
@@ -614,6 +657,23 @@ def build_parser() -> argparse.ArgumentParser:
                    default=1.0, help="sampling temperature; 0 is greedy (default 1.0)")
     common(p, quiet=False)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("online", help="RLOO or online DPO on the synthetic world: the policy samples as it trains")
+    p.add_argument("--method", choices=("rloo", "online-dpo"), default="rloo", help="the method (default rloo)")
+    p.add_argument("--reward", choices=("true", "learned"), default="true",
+                   help="RLOO's reward / online DPO's labeller: the world's reward, or a reward model fit on its "
+                        "pairs (default true)")
+    p.add_argument("--output-dir", required=True, help="where the model, metrics.jsonl, checkpoint and eval.json go")
+    p.add_argument("--beta", type=_positive_float, default=0.1, help="KL strength (default 0.1)")
+    p.add_argument("--k", type=_positive_int, default=4, help="RLOO: samples per prompt, >= 2 (default 4)")
+    p.add_argument("--prompts-per-step", type=_positive_int, default=16, help="prompts per step (default 16)")
+    p.add_argument("--steps", type=_positive_int, default=60, help="optimizer steps (default 60)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--save-every", type=_whole, default=0, help="checkpoint every N steps (default 0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir with its saved settings")
+    overwrite(p)
+    common(p, quiet=False)
+    p.set_defaults(func=cmd_online)
 
     p = sub.add_parser("grade", help="grade filled-in exercise notebooks: a row per exercise, exit 0 iff all pass")
     p.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="exercise notebooks, or folders of them")

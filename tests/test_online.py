@@ -279,3 +279,18 @@ def test_resume_gives_the_uninterrupted_run(tiny, tmp_path):
     with pytest.raises(ValueError, match="nothing to resume"):
         train_online(copy.deepcopy(ref), ref, tok, train, cut, output_dir=tmp_path / "empty", resume=True,
                      log=lambda *a: None)
+
+
+def test_cli_online_run_folder_and_resume(tmp_path, capsys):
+    from minidpo.cli import main
+
+    out = tmp_path / "run"
+    assert main(["online", "--output-dir", str(out), "--k", "1"]) == 2  # a bad value: one error line, exit 2
+    assert "k >= 2" in capsys.readouterr().err and not out.exists()  # and nothing left behind
+    args = ["online", "--output-dir", str(out), "--method", "online-dpo", "--steps", "3", "--prompts-per-step", "8"]
+    assert main(args) == 0
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3 and (out / "eval.json").is_file()
+    assert main(args) == 2  # a finished run is not overwritten without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["online", "--output-dir", str(out), "--resume"]) == 0  # nothing left to do, same settings
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
