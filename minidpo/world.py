@@ -260,7 +260,9 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
     device = next(model.parameters()).device
     greedy = temperature == 0
     gen_cfg = GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else float(temperature), top_k=None, top_p=None,
+        # top_k=0, not None: transformers fills None with its default top-k of 50, which would sample from a
+        # truncated distribution while the KL estimate scores the full one
+        do_sample=not greedy, temperature=None if greedy else float(temperature), top_k=0, top_p=None,
         max_new_tokens=int(max_new_tokens), eos_token_id=eos_id, pad_token_id=pad_id,
         bos_token_id=tokenizer.bos_token_id,
     )

@@ -172,3 +172,32 @@ def test_seed_plots_draw_the_medians_they_are_given():
     assert marker.get_xdata()[0] == 2 and marker.get_ydata()[0] == 4  # the medians
     assert marker.get_markerfacecolor()[:3] == (1.0, 1.0, 1.0)  # no grammatical samples: a hollow marker
     plots.plt.close("all")
+
+
+def test_multiseed_forward_is_gpt2(tiny_world):
+    from minidpo import multiseed
+
+    models = [fresh_model(tiny_world.tokenizer, seed=s) for s in (0, 1)]
+    ids = torch.randint(2, len(tiny_world.tokenizer), (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 9:] = False  # right padding
+    logits = multiseed.forward(multiseed.stack(models), models[0].config, ids.expand(2, -1, -1),
+                               torch.arange(12).expand(3, 12), mask)  # (2, 3, 12, V)
+    for s, model in enumerate(models):
+        expected = model(input_ids=ids, attention_mask=mask.long()).logits
+        assert (logits[s][mask] - expected[mask]).abs().max() < 1e-4
+    # negative control: the other copy's logits are far off
+    assert (logits[0][mask] - models[1](input_ids=ids).logits[mask]).abs().max() > 1e-2
+
+
+def test_evaluate_seeds_equals_evaluate_per_policy(tiny_world):
+    policies = [fresh_model(tiny_world.tokenizer, seed=s) for s in (1, 2)]  # seed 0 is pi_ref itself
+    together = experiment.evaluate_seeds(tiny_world, policies, 0.1, [5, 6])
+    for seed, policy, got in zip((5, 6), policies, together):
+        alone = experiment.evaluate(tiny_world, policy, beta=0.1, n_samples=1, seed=seed)
+        assert got["samples"] == alone["samples"][:4] and got["rewards"] == alone["rewards"]  # the same draws
+        for key in ("reward", "kl", "kl_se", "accuracy", "grammatical", "length"):
+            assert got[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-4), key
+    assert together[0]["kl"] > 0.1  # an untrained copy is far from pi_ref: the KL check can fail
+    same = experiment.evaluate_seeds(tiny_world, [tiny_world.reference], 0.1, [5])[0]
+    assert abs(same["kl"]) < 1e-5 and same["accuracy"] == 0.5 and abs(same["margin"]) < 1e-5
