@@ -136,7 +136,8 @@ CLAIMS: tuple[Claim, ...] = (
     _c("C17", [(CH, "cDPO assumes N percent of the data is incorrectly labelled")],
        "cDPO assumes a fraction of flipped labels", HOLDS,
        "its per-pair optimum is the finite margin log((1-eps)/eps)/beta; but with eps equal to the true flip "
-       "rate it does NOT undo the flips: it shrinks the learned reward further (06 §noise); cite Mitchell 2023",
+       "rate it does NOT undo the flips: it shrinks the learned reward a second time (06 §7, exact world over 10 "
+       "seeds); robust DPO is the unbiased one. Cite Mitchell 2023",
        "07 §5; 06 §7", "sympy + exact world"),
     _c("C18", [(CH, "moving away from the Bradley-Terry assumption, with $\\Psi(q) = \\log")],
        "IPO uses Psi(q) = log(q/(1-q))", WRONG,
@@ -144,7 +145,7 @@ CLAIMS: tuple[Claim, ...] = (
        "07 §1.3", "sympy + exact world"),
     _c("C19", [(ENC, "avoid the problematic regime where $\\sigma(\\cdot) \\to 1$")], "The IPO loss (h - 1/(2 beta))^2 avoids the regime where the gradient vanishes",
        ONLY_IF, "the formula is right; the motivation is DPO's infinite optimum under deterministic labels",
-       "07 §1.3; 06 §8", "torch + sympy"),
+       "07 §1.3; 06 §9", "torch + sympy"),
     _c("C20", [(GLO, "IPO (Identity Policy Optimization): A variant that adds a regularization term")],
        "IPO is 'Identity Policy Optimization' and adds a regularisation term", WRONG,
        "Identity PREFERENCE Optimisation; it replaces the logistic loss by a squared one", "07 §1.3", "citation"),
@@ -153,8 +154,9 @@ CLAIMS: tuple[Claim, ...] = (
        "autograd"),
     _c("C22", [(ENC, "SimPO (Simple Preference Optimisation")],
        "SimPO: averaged log-probs, no reference, no length bias", ONLY_IF,
-       "SimPO = length-averaged reward AND no reference AND a target margin; it follows a length-loving "
-       "labeller furthest (06)", "07 §5; 06 §6", "torch + GPT-2 world over seeds"),
+       "SimPO = length-averaged reward AND no reference AND a target margin; length bias is not removed: it "
+       "follows a length-loving labeller to 20-word run-on answers, KL up to 38, in every seed (06 §6)",
+       "07 §5; 06 §6", "torch + GPT-2 world over seeds"),
     _c("C23", [(ENC, "uses unpaired preference data")], "The KTO loss as the encyclopedia writes it", WRONG,
        "signs swapped (minimising it lowers desirable outputs) and beta applied twice; KTO is lambda_y - v",
        "07 §1.7", "autograd"),
@@ -245,8 +247,9 @@ CLAIMS: tuple[Claim, ...] = (
     _c("C44", [(GLO, "mitigates issues like reward hacking and distributional shift")],
        "DPO mitigates distributional shift", WRONG,
        "DPO learns from fixed samples of pi_ref; the policy it yields generates outside that data and gets no "
-       "signal there: on the GPT-2 world its samples leave the grammar more often than pi_ref's in every seed "
-       "(06 §5); online methods sample from the policy instead (08)", "06 §5; 08", "GPT-2 world over seeds"),
+       "signal there: on the GPT-2 world every objective's samples leave the grammar more often than pi_ref's "
+       "(96% grammatical) in every one of 5 seeds, DPO's down to 18% in the seed that runs away (06 §5); online "
+       "methods sample from the policy instead (08)", "06 §5; 08", "GPT-2 world over seeds"),
     _c("C45", [(CH, "lower ceiling on performance than online")],
        "Offline DPO has a lower ceiling than online (RL-based) RLHF because its signal comes from other "
        "models' completions", PENDING, "measured in notebook 08 (online against offline)", "08",
@@ -256,8 +259,12 @@ CLAIMS: tuple[Claim, ...] = (
        PENDING, "measured in notebook 08 (online DPO against DPO at matched KL)", "08", "GPT-2 world over seeds"),
     _c("C47", [(CH, "the choice of algorithm is far less important than the initial model and the data used")],
        "The choice of algorithm matters far less than the initial model and the data", ONLY_IF,
-       "measured for the data only (one model here): changing the labeller moved every objective more than "
-       "the choice of objective did at matched KL, for all but the two that run away (06 §6)", "06 §6",
+       "within one family of objectives: one model here, so only the data side is tested. Within the DPO "
+       "family no order among DPO, cDPO and IPO at matched KL holds across 5 seeds, while one data order in five "
+       "sends DPO to KL 29 and a length-loving labeller lengthens its answers by 5.7 words. Across families the "
+       "algorithm matters: the hinge, KTO and APO-zero buy about half of DPO's reward at matched KL in every "
+       "seed, and ORPO follows the labeller less (3.2 words) than objectives differ under one labeller (5.3)",
+       "06 §5, §6",
        "GPT-2 world over seeds"),
     _c("C48", [(CH, "DPO treats every pair of preference data with equal weight")],
        "DPO treats every pair with equal weight", ONLY_IF,
@@ -269,9 +276,10 @@ CLAIMS: tuple[Claim, ...] = (
        "over-optimises it", "07 §6; 06 §3", "citation"),
     _c("C50", [(TUT, "Human Noise Amplification")],
        "Inconsistent or biased human feedback is amplified by DPO", ONLY_IF,
-       "biased feedback is reproduced as if it were the reward (06 §6, a length-loving labeller); random label "
-       "flips are damped, not amplified: DPO's optimum under flips is pi* of a SHRUNK reward, it moves less "
-       "(06 §7, exact world over 20 seeds)", "06 §6, §7", "exact world over seeds + GPT-2 world over seeds"),
+       "biased feedback is reproduced as if it were the reward, by every objective in every seed (06 §6, a "
+       "length-loving labeller); random label flips are damped, not amplified: DPO's optimum under flips is pi* "
+       "of a SHRUNK reward, so it moves less (06 §7, exact world over 10 seeds), and on GPT-2 flips at 0.2 cost "
+       "every objective reward in every one of 5 seeds", "06 §6, §7", "exact world + GPT-2 world over seeds"),
 )
 
 _BY_ID = {c.id: c for c in CLAIMS}
