@@ -1263,6 +1263,7 @@ def run_all() -> list:
 
 
 def _n(step, form):
+    """The control of an any-n step: the chain check with ``form`` in place of the step's objective."""
     return lambda: check_deriv_chain_any_n(step, form)
 
 
@@ -1272,7 +1273,8 @@ NEGATIVE_CONTROLS = {
     "check_dpo_deriv_2": ("beta dropped: E[r] - E[log pi/pi_ref]", lambda: check_dpo_deriv_2(
         lambda w: w.expect(lambda x, y: w.r[x][y]) - w.expect(lambda x, y: sp.log(w.pi[x][y] / w.ref[x][y])))),
     "check_dpo_deriv_3": ("only the reward negated: -E[r] - beta E[log pi/pi_ref]", lambda: check_dpo_deriv_3(
-        lambda w: -w.expect(lambda x, y: w.r[x][y]) - w.beta * w.expect(lambda x, y: sp.log(w.pi[x][y] / w.ref[x][y])))),
+        lambda w: -w.expect(lambda x, y: w.r[x][y])
+        - w.beta * w.expect(lambda x, y: sp.log(w.pi[x][y] / w.ref[x][y])))),
     "check_dpo_deriv_4": ("beta dropped: E[log pi/pi_ref - r]", lambda: check_dpo_deriv_4(
         lambda w: w.expect(lambda x, y: sp.log(w.pi[x][y] / w.ref[x][y]) - w.r[x][y]))),
     "check_dpo_deriv_4 (beta < 0)": ("the same division with beta < 0", lambda: check_dpo_deriv_4(
@@ -1312,8 +1314,8 @@ NEGATIVE_CONTROLS = {
         s.pi[s.y] * (s.r[s.y] + s.beta * sp.log(s.pi[s.y] / s.ref[s.y]))))),
     "check_deriv_chain_any_n_2": ("beta dropped", _n("2", lambda s: s.sum(s.pi[s.y] * s.r[s.y])
                                                      - s.sum(s.pi[s.y] * sp.log(s.pi[s.y] / s.ref[s.y])))),
-    "check_deriv_chain_any_n_3": ("only the reward negated", _n("3", lambda s: -s.sum(s.pi[s.y] * s.r[s.y])
-                                                                - s.beta * s.sum(s.pi[s.y] * sp.log(s.pi[s.y] / s.ref[s.y])))),
+    "check_deriv_chain_any_n_3": ("only the reward negated", _n("3", lambda s: -s.sum(s.pi[s.y] * s.r[s.y]) - s.beta
+                                                                * s.sum(s.pi[s.y] * sp.log(s.pi[s.y] / s.ref[s.y])))),
     "check_deriv_chain_any_n_4": ("beta dropped", _n("4", lambda s: s.sum(
         s.pi[s.y] * (sp.log(s.pi[s.y] / s.ref[s.y]) - s.r[s.y])))),
     "check_deriv_chain_any_n_5": ("+log Z", _n("5", lambda s: s.sum(s.pi[s.y] * (

@@ -51,7 +51,8 @@ def test_canonical_steps_are_detected_and_not_counted(steps):
     for name in ("check_dpo_deriv_9", "check_dpo_deriv_5", "check_dpo_loss_deriv1", "check_dpo_grad_3"):
         assert not steps[name].canonical and steps[name].counts, name
     assert D.is_canonical_zero(sp.Symbol("a") - sp.Symbol("a"))
-    assert not D.is_canonical_zero(sp.log(sp.Symbol("a", positive=True) ** 2) - 2 * sp.log(sp.Symbol("a", positive=True)))
+    a = sp.Symbol("a", positive=True)
+    assert not D.is_canonical_zero(sp.log(a ** 2) - 2 * sp.log(a))  # true, but only simplify sees it
 
 
 def test_the_summary_counts_what_it_says(steps):
