@@ -60,6 +60,8 @@ def preference_loss(
       "hinge"     SLiC-HF, Zhao et al. 2023, calibration loss with margin 1/beta, scaled by beta:  relu(1 - beta h).
       "robust"    robust DPO, Chowdhury et al. 2024, the unbiased loss under label-flip rate eps:
                   ((1-eps)(-log sigma(beta h)) + eps log sigma(-beta h)) / (1 - 2 eps).
+                  Unbiased only where labels ARE flipped at rate eps: on unflipped labels a pair won at rate
+                  p > 1 - eps gives an expected loss with no minimiser (it falls without bound as h grows).
       "apo_zero"  APO-zero, D'Oosterlinck et al. 2024: push chosen up and rejected down, each against zero:
                   (1 - sigma(beta (pc - rc))) + sigma(beta (pr - rr)).
       "apo_down"  APO-down, same paper: push both down, the rejected more:

@@ -238,3 +238,21 @@ def test_kto_training_logs_its_reference_point_from_mismatched_pairs():
     z0 = [[r["kl"] for r in h] for h in runs]
     assert z0[0][0] == 0.0 and all(v >= 0 for v in z0[0])
     torch.testing.assert_close(torch.tensor(z0[0]), torch.tensor(z0[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_robust_dpo_minimiser_on_unflipped_labels_and_where_it_has_none():
+    """Robust DPO (eps) on Bradley-Terry labels nobody flipped: for a pair won at rate p_hat its empirical loss is
+    minimised where sigma(beta h) = (p_hat - eps) / (1 - 2 eps), which exists only while p_hat < 1 - eps."""
+    def fit(reward_gap):
+        world = B.ExactWorld(reference_probs=torch.tensor([[0.5, 0.5]], dtype=torch.float64),
+                             rewards=torch.tensor([[reward_gap, 0.0]], dtype=torch.float64),
+                             prompt_probs=torch.ones(1, dtype=torch.float64))
+        pairs = B.sample_pairs(world, 20_000, seed=0)
+        p_hat = (pairs.chosen == 0).double().mean().item()
+        probs = B.train_tabular(world, pairs, 1.0, loss_type="robust", label_smoothing=0.1, steps=300).probs
+        return p_hat, math.log(probs[0, 0] / probs[0, 1])
+
+    p_hat, h = fit(1.0)  # p = sigma(1) = 0.73 < 0.9: a finite minimiser, off the clean one (logit p_hat)
+    assert torch.sigmoid(torch.tensor(h)).item() == pytest.approx((p_hat - 0.1) / 0.8, abs=1e-4)
+    p_hat, h = fit(3.0)  # negative control: p = 0.95 > 0.9, the loss falls without bound and h runs away
+    assert p_hat > 0.9 and h > 20
