@@ -227,9 +227,10 @@ def check_output_dir(out: str | os.PathLike, command: str, *, resume: bool = Fal
                              + (" (--overwrite clears minidpo run folders only)" if overwrite else ""))
     if not overwrite:
         state, kind = marker.get("state", "earlier"), marker.get("command", "minidpo")
+        article = "an" if state[0] in "aeiou" else "a"
         hint = ("continue it with `minidpo train --resume DIR`, " if kind == command == "train"
                 and state != "finished" else "")
-        raise RunFolderError(f"--output-dir {out} holds a {state} `{kind}` run; {hint}pass --overwrite to "
+        raise RunFolderError(f"--output-dir {out} holds {article} {state} `{kind}` run; {hint}pass --overwrite to "
                              "replace it, or choose another folder")
     return marker
 

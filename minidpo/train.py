@@ -484,12 +484,18 @@ def kto_mismatched_features(features: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 def prepare_data(model, tokenizer, pairs, cfg: DPOConfig, processes: int = 1, log=print) -> PreparedData:
-    """Tokenize the pairs (rows longer than the model's positions are cut) and lay out the steps."""
+    """Tokenize the pairs and lay out the steps. Rows longer than the model's positions (which would index past
+    its position table) are cut to fit, with a note; when every row fits, ``cfg.max_length`` is used as given."""
     if cfg.batch_size % processes:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {processes} processes")
-    max_length = fit_max_length(model, cfg.max_length, log)
-    max_prompt = cfg.max_prompt_length if cfg.max_prompt_length is None else min(cfg.max_prompt_length, max_length)
-    features, report = tokenize_preferences(pairs, tokenizer, max_length=max_length, max_prompt_length=max_prompt)
+    features, report = tokenize_preferences(pairs, tokenizer, max_length=cfg.max_length,
+                                            max_prompt_length=cfg.max_prompt_length)
+    positions = max_positions(model)
+    longest = max((max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features), default=0)
+    if positions is not None and longest > positions:
+        max_length = fit_max_length(model, cfg.max_length, log)
+        max_prompt = None if cfg.max_prompt_length is None else min(cfg.max_prompt_length, max_length)
+        features, report = tokenize_preferences(pairs, tokenizer, max_length=max_length, max_prompt_length=max_prompt)
     log(f"data: {report}")
     if len(features) < cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(features)} usable pairs")

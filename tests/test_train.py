@@ -290,3 +290,10 @@ def test_a_damaged_cache_entry_is_recomputed_not_trusted(setup, tmp_path):
 
 def test_checkpoints_are_periodic_by_default():
     assert DPOConfig().save_every > 0
+
+
+def test_max_length_is_left_alone_when_every_row_fits(setup):
+    pairs, tok = setup
+    messages = []
+    train_dpo(fresh_model(tok), tok, pairs, cfg(max_length=128, max_steps=1), log=messages.append)  # 64 positions
+    assert not any("positions" in m for m in messages) and any("max_length=128" in m for m in messages)
