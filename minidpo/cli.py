@@ -694,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if getattr(args, "quiet", False):  # --quiet: no bars from datasets either ("Creating json from Arrow format")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     try:
         return args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the checkpoint was saved at a step boundary
