@@ -252,11 +252,19 @@ CLAIMS: tuple[Claim, ...] = (
        "methods sample from the policy instead (08)", "06 §5; 08", "GPT-2 world over seeds"),
     _c("C45", [(CH, "lower ceiling on performance than online")],
        "Offline DPO has a lower ceiling than online (RL-based) RLHF because its signal comes from other "
-       "models' completions", PENDING, "measured in notebook 08 (online against offline)", "08",
-       "GPT-2 world over seeds"),
+       "models' completions", ONLY_IF,
+       "not reproduced on the course's world: at equal KL, RLOO with the true reward (PPO-GT's role) and with a "
+       "learned reward is within DPO's seed-to-seed spread, each ahead in some seeds; the best gold reward any "
+       "checkpoint reached is no higher for RLOO than for DPO; and best-of-n from pi_ref beats all of them. "
+       "The claim may hold where the policy must go far beyond pi_ref's samples, which this world does not need",
+       "08 §3, §4", "GPT-2 world over seeds"),
     _c("C46", [(CH, "alleviate these by generating new completions")],
        "Online variants (Online DPO, D2PO) alleviate this by generating new completions during training",
-       PENDING, "measured in notebook 08 (online DPO against DPO at matched KL)", "08", "GPT-2 world over seeds"),
+       ONLY_IF,
+       "not reproduced on the course's world: online DPO (same labeller, same beta, pairs sampled from the current "
+       "policy) matches offline DPO at equal KL in true reward and in the share of grammatical samples, neither "
+       "ahead in every seed; its samples leave the grammar as DPO's do",
+       "08 §3", "GPT-2 world over seeds"),
     _c("C47", [(CH, "the choice of algorithm is far less important than the initial model and the data used")],
        "The choice of algorithm matters far less than the initial model and the data", ONLY_IF,
        "within one family of objectives: one model here, so only the data side is tested. Within the DPO "

@@ -57,7 +57,8 @@ def test_verdicts_the_issue_rechecked():
     assert claims.get("C13").verdict == claims.WRONG and "late" in claims.get("C13").correction
     assert claims.get("C32").verdict == claims.WRONG
     assert "sub-optimality" in claims.get("C30").correction
-    assert claims.get("C45").verdict == claims.PENDING  # measured in notebook 08
+    for cid in ("C45", "C46"):  # measured in notebook 08: not reproduced on the course's world
+        assert claims.get(cid).verdict == claims.ONLY_IF and "not reproduced" in claims.get(cid).correction
 
 
 def test_get_and_table():
