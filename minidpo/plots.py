@@ -106,7 +106,7 @@ def save(fig, *paths) -> list[str]:
         fig.savefig(p, dpi=110, bbox_inches="tight")
         written.append(str(p))
         if p.suffix == ".png":
-            fig.savefig(p.with_suffix(".svg"), bbox_inches="tight")
+            fig.savefig(p.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})  # no date: same bytes
             written.append(str(p.with_suffix(".svg")))
     return written
 
@@ -619,7 +619,7 @@ def plot_seed_bands(paths: dict[str, Sequence[Sequence[dict]]], x: str = "kl", y
                 ax.plot([gxj], [yj], "o", ms=6, color=color, markerfacecolor=_fill(color, share),
                         markeredgewidth=1.2, zorder=4)
         handles.append(line)
-        labels.append(f"{label} (median of {len(per_seed)} seeds, {level:.0%} band)")
+        labels.append(label if len(per_seed) == 1 else f"{label} (median of {len(per_seed)} seeds, {level:.0%} band)")
     if linthresh is not None and x == "kl":
         ax.set_xscale("symlog", linthresh=linthresh)
         ax.set_xlim(left=0)
