@@ -469,3 +469,28 @@ def evaluate_seeds(world: World, policies, beta: float, seeds, n_samples: int = 
             "completions": texts,
         })
     return out
+
+
+def reference_samples(world: World, k: int, seed: int = 1, max_new_tokens: int = 24) -> list[list[str]]:
+    """``k`` completions of pi_ref per held-out prompt (the pool best-of-n picks from), sampled in batches with
+    ``multiseed.sample`` and cached in the world's folder: pi_ref and the prompts are fixed, so the pool is
+    part of the world (51,200 samples for k = 256 take ~1 min on one CPU core; a second call reads the file)."""
+    from . import multiseed
+
+    if k < 1:
+        raise ValueError(f"reference_samples: k must be >= 1, got {k}")
+    path = Path(world.directory) / f"reference-samples-k{k}-seed{seed}-t{max_new_tokens}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tok = world.tokenizer
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in world.heldout_prompts]
+    with small_model_threads(world.reference):
+        completions, _, _ = multiseed.sample(multiseed.stack([world.reference]), world.reference.config, prompt_ids,
+                                             k, [seed], tok.eos_token_id, tok.pad_token_id,
+                                             max_new_tokens=max_new_tokens, batch_size=2048)
+    texts = [[w.decode_completion(tok, ids) for ids in per] for per in completions[0]]
+    if Path(world.directory).exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(texts))
+        tmp.replace(path)
+    return texts

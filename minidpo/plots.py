@@ -658,11 +658,11 @@ def plot_seed_points(points: dict[str, Sequence[dict]], x: str = "kl", y: str = 
         sx = bootstrap_interval([r[x] for r in rows], level=level)
         sy = bootstrap_interval([r[y] for r in rows], level=level)
         share = float(np.median([r[fill_key] for r in rows])) if fill_key is not None else 1.0
-        ax.errorbar([sx.median], [sy.median], xerr=[[sx.median - sx.low], [sx.high - sx.median]],
-                    yerr=[[sy.median - sy.low], [sy.high - sy.median]], fmt=marker, ms=8, color=color,
-                    markerfacecolor=_fill(color, share), markeredgewidth=1.3, capsize=3, lw=1.2, zorder=4)
+        bars = ax.errorbar([sx.median], [sy.median], xerr=[[sx.median - sx.low], [sx.high - sx.median]],
+                           yerr=[[sy.median - sy.low], [sy.high - sy.median]], fmt=marker, ms=8, color=color,
+                           markerfacecolor=_fill(color, share), markeredgewidth=1.3, capsize=3, lw=1.2, zorder=4)
         ax.plot([r[x] for r in rows], [r[y] for r in rows], ".", ms=4, color=color, alpha=0.5, zorder=3)
-        handles.append(ax.get_lines()[-1])
+        handles.append(bars.lines[0])
         labels.append(f"{label} ({len(rows)} seeds)")
     if reference is not None:
         ref, = ax.plot([0], [reference[y]], "s", ms=8, color=COLORS["reference"], markeredgecolor="black", zorder=5)
