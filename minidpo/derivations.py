@@ -82,7 +82,7 @@ class Step:
 
     def __str__(self) -> str:
         mark = "holds" if self.holds else "FAILS"
-        how = "canonical" if self.canonical else self.method
+        how = "canonical" if self.canonical and self.method != "definitional" else self.method
         return f"{self.label:<29} {mark:<6} [{how}] {self.note}"
 
 
