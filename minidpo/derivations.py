@@ -1353,7 +1353,7 @@ NEGATIVE_CONTROLS = {
     "check_grad_swap_needs_offline_data": None,  # filled below: needs its own function
     "check_sigmoid_identities": ("sigma' = sigma (1 + sigma)", lambda: check_sigmoid_identities(
         lambda s: s * (1 + s))),
-    "check_dpo_grad_2": ("chain rule without du/dtheta's sign: +sigma'/sigma du", lambda: check_dpo_grad_2(
+    "check_dpo_grad_2": ("sign slip in the chain rule: +sigma'(u)/sigma(u) du/dtheta", lambda: check_dpo_grad_2(
         lambda g: -dpo_grad_2(g))),
     "check_dpo_grad_3": ("weight sigma(r_hat_w - r_hat_l) (flipped)", lambda: check_dpo_grad_3(
         lambda g: -g.beta * sigmoid(margin_u(g)) * (sp.diff(g.logp_chosen, g.theta) - sp.diff(g.logp_rejected,
