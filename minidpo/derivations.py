@@ -163,7 +163,7 @@ def counterexample(difference, trials: int = 30, seed: int = 0, tol: float = 1e-
         expr, used = _concrete(difference, rng)
         atoms = expr.atoms(sp.Indexed) | {s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
         atoms -= {a.base.label for a in expr.atoms(sp.Indexed)}  # the IndexedBase names themselves
-        values = {a: _random_value(a, rng) for a in atoms}
+        values = {a: _random_value(a, rng) for a in sorted(atoms, key=sp.default_sort_key)}  # sorted: same draws in every process
         try:
             value = complex(expr.xreplace({a: sp.Float(v, digits) for a, v in values.items()}).evalf(digits))
         except (TypeError, ValueError, ZeroDivisionError):
