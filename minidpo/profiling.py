@@ -1,7 +1,7 @@
 """What caching the reference log-probs saves, measured on one DPO step of a tiny GPT-2 (notebook 07).
 
-The book chapter (``seeds/000``, "Implementation Considerations") says that running the reference model at every
-step "doubles the memory used" and that caching its log-probs reduces "the peak memory usage by 50%". Three ways
+The chapter "Direct Alignment Algorithms" of Nathan Lambert's RLHF book (section "Implementation Considerations")
+says that running the reference model at every step "doubles the memory used" and that caching its log-probs reduces "the peak memory usage by 50%". Three ways
 to run the reference are compared here, on the same model, batch and optimiser:
 
     "cached"    reference log-probs computed once beforehand; no reference model held during training

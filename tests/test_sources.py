@@ -71,14 +71,10 @@ def test_notebook_markdown_quotes_are_in_their_source(source, quote):
     assert claims.quoted(source, quote) == "found"
 
 
-# Files still naming a source file (not owned by this test's author); each XPASSes once it cites by public identity.
-_PENDING = {"profiling.py"}
 _PLACES = sorted((ROOT / "notebooks").glob("*.ipynb")) + [ROOT / "README.md"] + sorted((ROOT / "minidpo").glob("*.py"))
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason="file name of a source text still "
-                                                                                "cited; fix pending", strict=False))
-                                  if p.name in _PENDING else p for p in _PLACES], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _PLACES, ids=lambda p: p.name)
 def test_no_source_file_names_in_the_course(path):
     """A reader of the repository does not have the source texts' files: nothing may point at them."""
     pattern = re.compile(r"seeds/0\d\d|0\d\d_[0-9a-f]{16}")
