@@ -1,8 +1,9 @@
 """What caching the reference log-probs saves, measured on one DPO step of a tiny GPT-2 (notebook 07).
 
 The chapter "Direct Alignment Algorithms" of Nathan Lambert's RLHF book (section "Implementation Considerations")
-says that running the reference model at every step "doubles the memory used" and that caching its log-probs reduces "the peak memory usage by 50%". Three ways
-to run the reference are compared here, on the same model, batch and optimiser:
+says that running the reference model at every step "doubles the memory used" and that caching its log-probs
+reduces "the peak memory usage by 50%". Three ways to run the reference are compared here, on the same model,
+batch and optimiser:
 
     "cached"    reference log-probs computed once beforehand; no reference model held during training
     "no_grad"   a frozen copy run at every step under ``torch.no_grad()`` (the original DPO code, TRL)
