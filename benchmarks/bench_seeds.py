@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/bench_seeds.py [--repeats 3] [--seeds 5] [--threads 2]
 
-Measured 2026-12-01 on 2 shared cores (AMD EPYC, load average 3.6-6.5 from other jobs), one repeat:
-  1 seed run_dpo 5.37 s; 5 seeds run_dpo_seeds 25.2 s (4.7x); 5 separate run_dpo 52.5 s (9.8x);
-  5 seeds on 2 threads 243 s (the second thread spin-waits while other jobs hold the cores).
-  The target (5 seeds <= 2.5x one) is not met on this CPU: one forward+backward on 5x the rows costs 4.3x.
+Measured 2026-12-01 on 2 shared cores (AMD EPYC, no AVX-512), other jobs running:
+  load 1.2-1.9, median of 2: 1 seed run_dpo 3.42 s; 5 seeds run_dpo_seeds 15.2 s (4.4x); 5 x run_dpo 16.1 s (4.7x).
+  load 3.6-6.5, one repeat:  1 seed 5.37 s; 5 seeds run_dpo_seeds 25.2 s (4.7x); 5 x run_dpo 52.5 s (9.8x);
+                             5 seeds on 2 threads 243 s (the second thread spin-waits while other jobs hold the cores).
+  The target (5 seeds <= 2.5x one) is not met on this CPU: one forward+backward on 5x the rows costs 4.3-4.8x, so
+  batching saves only the per-step overhead; it would on a GPU, where that overhead is most of a step.
 
 The job is notebook 04/05's DPO run on the course's world (experiment.build_world, cached): DPOConfig(beta=0.1,
 epochs=2), 124 steps of 16 pairs, reference log-probs from the disk cache (warm: the first call fills it). Timed:
