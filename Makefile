@@ -28,10 +28,14 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/minidpo demo --output-dir runs/demo --overwrite
 
+# Two workers (pytest-xdist): the course's models run on one thread each, so two cores run two notebooks at once.
+# --dist loadfile keeps each notebook's cells on one worker, in order. JOBS=1 runs everything in one process.
+JOBS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-		$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks; \
+		$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg \
+			-p no:cacheprovider --durations=10 notebooks; \
 	fi
 
 test-fast: $(VENV)/.installed

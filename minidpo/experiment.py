@@ -106,10 +106,38 @@ def build_world(
     model_cfg = model_cfg or ModelConfig()
     sft_cfg = replace(sft_cfg, device=device, show_progress=show_progress)
     directory = Path(cache_dir or ".") / f"world-{world_key(world_cfg, sft_cfg, model_cfg)}"
-    if cache_dir is not None and (directory / "done").exists():
-        log(f"world: reused {directory}")
-        return _load_world(directory, world_cfg, device)
+    if cache_dir is None:
+        return _make_world(world_cfg, sft_cfg, model_cfg, directory, log)
+    # `make test` runs notebooks and tests two at a time: the first to get here builds, the others wait and load.
+    with _waiting_lock(directory.with_name(directory.name + ".lock")):
+        if (directory / "done").exists():
+            log(f"world: reused {directory}")
+            return _load_world(directory, world_cfg, device)
+        world = _make_world(world_cfg, sft_cfg, model_cfg, directory, log)
+        _save_world(world)
+    log(f"world: built in {sum(world.seconds.values()):.1f} s, cached at {directory}")
+    return world
 
+
+@contextlib.contextmanager
+def _waiting_lock(path: Path):
+    """Hold an exclusive ``flock`` on ``path``, waiting for another process that holds it (no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process at a time is the user's job
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _make_world(world_cfg: w.WorldConfig, sft_cfg: SFTConfig, model_cfg: ModelConfig, directory: Path, log) -> World:
+    """Corpus -> tokenizer -> SFT (pi_ref) -> completions sampled from pi_ref -> Bradley-Terry labels."""
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     corpus = w.generate_corpus(world_cfg)
@@ -138,12 +166,8 @@ def build_world(
     train_pairs = w.label_pairs(train_prompts, train_completions, world_cfg)
     heldout_pairs = w.label_pairs(heldout_prompts, heldout_completions, world_cfg, seed=world_cfg.seed + 1)
 
-    world = World(tokenizer, reference, train_pairs, heldout_pairs, heldout_prompts, world_cfg, directory,
-                  seconds, w.label_noise(train_pairs))
-    if cache_dir is not None:
-        _save_world(world)
-        log(f"world: built in {sum(seconds.values()):.1f} s, cached at {directory}")
-    return world
+    return World(tokenizer, reference, train_pairs, heldout_pairs, heldout_prompts, world_cfg, directory,
+                 seconds, w.label_noise(train_pairs))
 
 
 def _save_world(world: World) -> None:

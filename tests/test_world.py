@@ -291,3 +291,19 @@ def test_save_pairs_jsonl_round_trip(tmp_path):
     rows = [json.loads(line) for line in open(path, encoding="utf-8")]
     assert rows == [dict(r) for r in pairs]
     assert set(rows[0]) >= {"prompt", "chosen", "rejected"}
+
+
+def test_two_processes_building_one_world_build_it_once(tmp_path):
+    """`make test` runs notebooks two at a time: the second build_world waits for the first and loads its cache."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from minidpo import experiment as ex, world as w; from minidpo.train import SFTConfig; "
+            "ex.build_world(w.WorldConfig(n_corpus=200, n_train_prompts=20, n_heldout_prompts=5), SFTConfig(steps=5), "
+            "cache_dir=sys.argv[1], show_progress=False)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted("built" in o for o in outs) == [False, True], outs  # one built, the other reused
+    assert sum("reused" in o for o in outs) == 1
