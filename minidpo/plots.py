@@ -620,19 +620,8 @@ def plot_seed_bands(paths: dict[str, Sequence[Sequence[dict]]], x: str = "kl", y
                         markeredgewidth=1.2, zorder=4)
         handles.append(line)
         labels.append(label if len(per_seed) == 1 else f"{label} (median of {len(per_seed)} seeds, {level:.0%} band)")
-    if linthresh is not None and x == "kl":
-        ax.set_xscale("symlog", linthresh=linthresh)
-        ax.set_xlim(left=0)
-    ax.set_xlabel("KL(π ‖ π_ref), nats per completion" if x == "kl" else x)
-    ax.set_ylabel(f"{y} (held-out prompts)" if y == "reward" else y)
-    ax.set_title(title or f"{y} against {x}, over seeds")
-    ax.grid(alpha=0.3, which="both")
-    if fill_key is not None:
-        _fill_legend(ax, fill_key, handles, labels)
-    else:
-        ax.legend(handles, labels, frameon=False, fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    return fig
+    return _finish_seed_axes(fig, ax, x, y, title or f"{y} against {x}, over seeds", fill_key, handles, labels,
+                             linthresh)
 
 
 def plot_seed_points(points: dict[str, Sequence[dict]], x: str = "kl", y: str = "reward",
@@ -668,12 +657,18 @@ def plot_seed_points(points: dict[str, Sequence[dict]], x: str = "kl", y: str = 
         ref, = ax.plot([0], [reference[y]], "s", ms=8, color=COLORS["reference"], markeredgecolor="black", zorder=5)
         handles.append(ref)
         labels.append("π_ref")
+    title = title or f"median over seeds, {level:.0%} bootstrap intervals; dots: single seeds"
+    return _finish_seed_axes(fig, ax, x, y, title, fill_key, handles, labels, linthresh)
+
+
+def _finish_seed_axes(fig, ax, x: str, y: str, title: str, fill_key, handles, labels, linthresh):
+    """Axes, title, grid and legend shared by the two over-seeds plots."""
     if linthresh is not None and x == "kl":
         ax.set_xscale("symlog", linthresh=linthresh)
         ax.set_xlim(left=0)
     ax.set_xlabel("KL(π ‖ π_ref), nats per completion" if x == "kl" else x)
     ax.set_ylabel(f"{y} (held-out prompts)" if y == "reward" else y)
-    ax.set_title(title or f"median over seeds, {level:.0%} bootstrap intervals; dots: single seeds")
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     if fill_key is not None:
         _fill_legend(ax, fill_key, handles, labels)
