@@ -57,7 +57,8 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
     """GPT-2 on stacked weights: logits (S, R, T, V) for input_ids (S, R, T) at ``positions`` (R, T).
 
     ``key_mask`` (R, cache_len + T) is True where a key may be attended to (not padding); attention is causal
-    within the new tokens. ``cache``: per layer a (keys, values) pair of (S, R, H, T_max, D) buffers, filled
+    within the new tokens. ``positions`` (S, R, T) and ``key_mask`` (S, R, cache_len + T) give each copy its
+    own layout (copies fed different prompts). ``cache``: per layer a (keys, values) pair of (S, R, H, T_max, D) buffers, filled
     at [cache_len, cache_len + T) and read up to there (None: no cache, T is the whole sequence).
     """
     S, R, T = input_ids.shape
@@ -68,10 +69,12 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
     C = wte.shape[-1]
     D = C // H
     h = torch.gather(wte, 1, input_ids.reshape(S, R * T, 1).expand(-1, -1, C)).reshape(S, R, T, C)
-    h = h + p["transformer.wpe.weight"][:, positions]  # (S, R, T, C)
+    positions, key_mask = positions.expand(S, R, T), key_mask.expand(S, R, key_mask.shape[-1])  # one layout per copy
+    h = h + torch.gather(p["transformer.wpe.weight"], 1, positions.reshape(S, R * T, 1).expand(-1, -1, C)
+                         ).reshape(S, R, T, C)  # (S, R, T, C)
     total = cache_len + T
     causal = torch.ones(T, total, dtype=torch.bool, device=h.device).tril(cache_len)  # (T, total)
-    allowed = causal[None] & key_mask[:, None, :total]  # (R, T, total)
+    allowed = causal & key_mask[:, :, None, :total]  # (S, R, T, total)
     # a large negative number, not -inf: a left-padding query sees no key at all, and -inf would give NaN
     # there, which 0-weighted keys would still carry into later rows (0 * NaN); GPT-2's own code does the same
     bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, torch.finfo(h.dtype).min)
@@ -85,10 +88,10 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
             cache[i][1][:, :, :, cache_len:total] = v
             k, v = cache[i][0][:, :, :, :total], cache[i][1][:, :, :, :total]  # (S, R, H, total, D)
         if T == 1:  # one new token: products and sums beat a batch of (1 x D) @ (D x total) matmuls
-            scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) / math.sqrt(D) + bias[None, :, None]
+            scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) / math.sqrt(D) + bias[:, :, None]
             out = (torch.softmax(scores, dim=-1).transpose(-1, -2) * v).sum(-2, keepdim=True)  # (S, R, H, 1, D)
         else:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(D) + bias[None, :, None]  # (S, R, H, T, total)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(D) + bias[:, :, None]  # (S, R, H, T, total)
             out = torch.softmax(scores, dim=-1) @ v  # (S, R, H, T, D)
         out = out.transpose(2, 3).reshape(S, R, T, C)
         h = h + _linear(out, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"])
@@ -105,6 +108,9 @@ def sample(params: dict[str, torch.Tensor], config, prompt_ids: Sequence[Sequenc
            batch_size: int = 1024) -> tuple[list[list[list[list[int]]]], torch.Tensor, torch.Tensor | None]:
     """``k`` completions per prompt from each of the S stacked copies, at temperature 1 (the full distribution).
 
+    ``prompt_ids``: token-id lists shared by every copy, or S such lists of equal length, copy s's own prompts
+    (the seeds of an online run, each with its own prompt order).
+
     Copy s draws its tokens with a generator seeded by ``seeds[s]`` (Gumbel-max, as ``torch.multinomial``),
     so its samples depend on its seed and the batch layout only; with one batch of rows they are the tokens
     ``world.generate_completion_ids`` draws with the same seed.
@@ -118,9 +124,14 @@ def sample(params: dict[str, torch.Tensor], config, prompt_ids: Sequence[Sequenc
         raise ValueError(f"sample: {len(seeds)} seeds for {S} stacked copies")
     if k < 1 or max_new_tokens < 1:
         raise ValueError(f"sample: k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}")
-    if any(len(p) == 0 for p in prompt_ids):
+    per_copy = bool(prompt_ids) and bool(prompt_ids[0]) and not isinstance(prompt_ids[0][0], int)
+    prompts_of = list(prompt_ids) if per_copy else [prompt_ids] * S  # copy s's prompts
+    if len(prompts_of) != S or len({len(ps) for ps in prompts_of}) != 1:
+        raise ValueError(f"sample: per-copy prompts need {S} lists of equal length")
+    prompt_ids = prompts_of[0]
+    if any(len(p) == 0 for ps in prompts_of for p in ps):
         raise ValueError("sample: every prompt needs at least one token")
-    if max(len(p) for p in prompt_ids) + max_new_tokens > config.n_positions:
+    if max(len(p) for ps in prompts_of for p in ps) + max_new_tokens > config.n_positions:
         raise ValueError(f"sample: prompt + {max_new_tokens} new tokens exceed the model's {config.n_positions} "
                          "positions")
     device = next(iter(params.values())).device
@@ -134,19 +145,22 @@ def sample(params: dict[str, torch.Tensor], config, prompt_ids: Sequence[Sequenc
     H, D = config.n_head, config.n_embd // config.n_head
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        R, P = len(chunk), max(len(prompt_ids[i]) for i in chunk)
-        ids = torch.full((R, P), pad_token_id, dtype=torch.long)
-        key_mask = torch.zeros(R, P + max_new_tokens, dtype=torch.bool)
-        for r, i in enumerate(chunk):  # left-padded: every row's last prompt token is at column P - 1
-            ids[r, P - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
-            key_mask[r, P - len(prompt_ids[i]):] = True
+        R, P = len(chunk), max(len(ps[i]) for ps in prompts_of for i in chunk)
+        ids = torch.full((S, R, P), pad_token_id, dtype=torch.long)
+        key_mask = torch.zeros(S, R, P + max_new_tokens, dtype=torch.bool)
+        for s, ps in enumerate(prompts_of):  # left-padded: every row's last prompt token is at column P - 1
+            for r, i in enumerate(chunk):
+                ids[s, r, P - len(ps[i]):] = torch.tensor(ps[i])
+                key_mask[s, r, P - len(ps[i]):] = True
+        if reference is not None:  # pi_ref's copies read the same rows as the policies'
+            ids, key_mask = torch.cat([ids, ids]), torch.cat([key_mask, key_mask])
         ids, key_mask = ids.to(device), key_mask.to(device)
-        positions = (key_mask[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (R, P): as generate() derives them
+        positions = (key_mask[..., :P].long().cumsum(-1) - 1).clamp(min=0)  # (n_copies, R, P): as generate()
         n_copies = next(iter(params.values())).shape[0]
         cache = [(torch.empty(n_copies, R, H, P + max_new_tokens, D, device=device),
                   torch.empty(n_copies, R, H, P + max_new_tokens, D, device=device)) for _ in range(config.n_layer)]
-        logits = forward(params, config, ids.expand(n_copies, R, P), positions, key_mask, cache, 0)[:, :, -1]
-        position = positions[:, -1]  # (R,)
+        logits = forward(params, config, ids, positions, key_mask, cache, 0)[:, :, -1]
+        position = positions[..., -1]  # (n_copies, R)
         done = torch.zeros(S, R, dtype=torch.bool, device=device)
         new = torch.empty(S, R, max_new_tokens, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
@@ -167,7 +181,7 @@ def sample(params: dict[str, torch.Tensor], config, prompt_ids: Sequence[Sequenc
                 break
             position = position + 1
             feed = token if reference is None else torch.cat([token, token])  # (n_copies, R)
-            logits = forward(params, config, feed[..., None], position[:, None], key_mask, cache, P + t)[:, :, -1]
+            logits = forward(params, config, feed[..., None], position[..., None], key_mask, cache, P + t)[:, :, -1]
         steps = t + 1
         new = new[:, :, :steps].tolist()
         for s in range(S):

@@ -311,5 +311,112 @@ def run_online(world, cfg: OnlineConfig | None = None, reward_fn=None, output_di
                             callback_every=callback_every)
 
 
+def train_online_seeds(world, cfg: OnlineConfig, seeds, reward_fns=None, callback=None,
+                       callback_every: int = 0) -> list[OnlineResult]:
+    """``len(seeds)`` copies of pi_ref trained as ``run_online(world, replace(cfg, seed=s))`` trains each, but
+    together: one sampling loop (``multiseed.sample``) and one forward and backward of all copies per step.
+
+    Seed s has its own prompt order, samples and labeller coins, drawn from s as in ``online_step``; the
+    losses are the same functions (``rloo_loss``, ``online_dpo_loss``), summed over the copies so that each
+    copy's gradient is its own, clipped per copy, and one AdamW over the stacked weights is S AdamWs (as
+    ``experiment.run_dpo_seeds``). ``reward_fns[i]``: seed i's reward (default: the world's true reward).
+    ``callback(step, params) -> list[dict]`` (``params``: the copies' stacked weights, detached, for
+    ``multiseed``) runs at every ``callback_every`` steps and at the end. For checkpoints and resume, use
+    ``run_online`` one seed at a time. The tiny model's step is mostly per-call overhead, which this shares.
+    """
+    from torch.func import stack_module_state
+
+    from . import multiseed
+    from .experiment import small_model_threads
+
+    cfg.validate()
+    seeds = [int(s) for s in seeds]
+    S, k, B = len(seeds), cfg.samples_per_prompt, cfg.prompts_per_step
+    reward_fns = list(reward_fns) if reward_fns is not None else [w.reward] * S
+    if len(reward_fns) != S:
+        raise ValueError(f"train_online_seeds: {len(reward_fns)} reward functions for {S} seeds")
+    tok, reference, config = world.tokenizer, world.reference, world.reference.config
+    prompts = list(dict.fromkeys(world.train_pairs["prompt"]))
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    params, _ = stack_module_state([reference] * S)  # {name: (S, ...)}, leaves that require grad
+    ref = multiseed.stack([reference])
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=min(cfg.warmup_steps, cfg.steps),
+                              num_training_steps=cfg.steps)
+    results = [OnlineResult(reference, budget=budget(cfg)) for _ in seeds]
+    per_epoch, t0 = len(prompts) // B, time.perf_counter()
+
+    def run_callback(at_step: int) -> None:
+        rows = callback(at_step, {n: v.detach() for n, v in params.items()})
+        for result, row in zip(results, rows):
+            result.evaluations.append({"step": at_step, **(row or {})})
+
+    with small_model_threads(reference):
+        for step in range(cfg.steps):
+            epoch, index = divmod(step, per_epoch)
+            batch = [[prompt_ids[i] for i in _prompt_batches(len(prompts), B, s, epoch)[index]] for s in seeds]
+            sample_seeds = [s * 1_000_003 + step for s in seeds]  # as online_step: a function of (seed, step)
+            completions, _, _ = multiseed.sample({n: v.detach() for n, v in params.items()}, config, batch, k,
+                                                 sample_seeds, tok.eos_token_id, tok.pad_token_id,
+                                                 max_new_tokens=cfg.max_new_tokens)
+            # prompt + completion, right-padded: causal attention never reads the padding at the end
+            rows = [[p + c for p, per in zip(batch[s], completions[s]) for c in per] for s in range(S)]
+            T = max(len(r) for per in rows for r in per)
+            ids = torch.full((S, B * k, T), tok.pad_token_id, dtype=torch.long)
+            counted = torch.zeros(S, B * k, T, dtype=torch.bool)  # the completion's tokens
+            for s in range(S):
+                for j, r in enumerate(rows[s]):
+                    ids[s, j, :len(r)] = torch.tensor(r)
+                    counted[s, j, len(batch[s][j // k]):len(r)] = True
+            def completion_logps_of(weights):  # (S, B, k): log pi(y|x) summed over the completion's tokens
+                logits = multiseed.forward(weights, config, ids, torch.arange(T).expand(B * k, T),
+                                           torch.ones(B * k, T, dtype=torch.bool))  # (S, B*k, T, V)
+                token_logps = torch.log_softmax(logits[:, :, :-1], -1).gather(-1, ids[:, :, 1:, None])[..., 0]
+                return (token_logps * counted[:, :, 1:]).sum(-1).view(S, B, k)
+
+            logps = completion_logps_of(params)  # (S, B, k), with gradients
+            with torch.no_grad():
+                ref_logps = completion_logps_of({n: v.expand(S, *v.shape[1:]) for n, v in ref.items()})
+            losses, metrics = [], []
+            for s in range(S):
+                texts = [[w.decode_completion(tok, c) for c in per] for per in completions[s]]
+                rewards = torch.tensor([[float(reward_fns[s](t)) for t in per] for per in texts])  # (B, k)
+                if cfg.method == "rloo":
+                    loss, m = rloo_loss(logps[s], ref_logps[s], rewards, cfg.beta)
+                else:
+                    p_first = torch.tensor([w.preference_probability(a, b, cfg.bt_scale, reward_fn=reward_fns[s])
+                                            for a, b in texts], dtype=torch.float64)  # (B,)
+                    loss, m = online_dpo_loss(logps[s], ref_logps[s], p_first, cfg.beta,
+                                              generator=torch.Generator().manual_seed(sample_seeds[s]))
+                    m["reward"] = rewards.mean()
+                losses.append(loss)
+                metrics.append(m)
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()  # copy s's weights get the gradient of loss s alone
+            grads = [p.grad for p in params.values()]
+            norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (S,)
+            if not (torch.isfinite(norms).all() and torch.isfinite(torch.stack(losses)).all()):
+                raise FloatingPointError(f"{cfg.method}: non-finite loss or gradient at step {step}; try a lower lr")
+            for g in grads:  # as clip_grad_norm_, per copy
+                g.mul_((cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).view(-1, *([1] * (g.dim() - 1))))
+            optimizer.step()
+            scheduler.step()
+            for s, result in enumerate(results):
+                result.history.append({"step": step + 1, "loss": losses[s].item(), "grad_norm": norms[s].item(),
+                                       **{name: float(v) for name, v in metrics[s].items()}})
+            if callback is not None and callback_every and (step + 1) % callback_every == 0:
+                run_callback(step + 1)
+        if callback is not None and (not results[0].evaluations or results[0].evaluations[-1]["step"] != cfg.steps):
+            run_callback(cfg.steps)
+    seconds = time.perf_counter() - t0
+    for s, result in enumerate(results):
+        result.model = copy.deepcopy(reference).eval()
+        with torch.no_grad():
+            for name, p in result.model.named_parameters():
+                p.copy_(params[name][s])
+        result.seconds = seconds
+    return results
+
+
 __all__ = ["OnlineConfig", "OnlineResult", "METHODS", "rloo_loss", "online_dpo_loss", "online_step",
-           "train_online", "run_online", "budget"]
+           "train_online", "train_online_seeds", "run_online", "budget"]

@@ -201,3 +201,28 @@ def test_evaluate_seeds_equals_evaluate_per_policy(tiny_world):
     assert together[0]["kl"] > 0.1  # an untrained copy is far from pi_ref: the KL check can fail
     same = experiment.evaluate_seeds(tiny_world, [tiny_world.reference], 0.1, [5])[0]
     assert abs(same["kl"]) < 1e-5 and same["accuracy"] == 0.5 and abs(same["margin"]) < 1e-5
+
+
+def test_sample_with_each_copy_on_its_own_prompts(tiny_world):
+    from minidpo import multiseed
+
+    tok = tiny_world.tokenizer
+    models = [fresh_model(tok, seed=s) for s in (1, 2)]
+    prompts = [[tok(p, add_special_tokens=False)["input_ids"] for p in tiny_world.heldout_prompts[i:i + 4]]
+               for i in (0, 4)]  # copy 0 on prompts 0-3, copy 1 on prompts 4-7 (their lengths differ)
+    ref = multiseed.stack([tiny_world.reference])
+    both, logp, ref_logp = multiseed.sample(multiseed.stack(models), models[0].config, prompts, 2, [5, 6],
+                                            tok.eos_token_id, tok.pad_token_id, max_new_tokens=8, reference=ref)
+    for s, model in enumerate(models):  # each copy alone on its own prompts: the same draws and log-probs
+        alone, lp, rl = multiseed.sample(multiseed.stack([model]), model.config, prompts[s], 2, [5 + s],
+                                         tok.eos_token_id, tok.pad_token_id, max_new_tokens=8, reference=ref)
+        assert both[s] == alone[0]
+        assert torch.allclose(logp[s], lp[0], atol=1e-4) and torch.allclose(ref_logp[s], rl[0], atol=1e-4)
+    # negative control: copy 1 on copy 0's prompts scores its draws differently (an untrained copy's draws are
+    # mostly its seed's noise, so the log-probs, not the tokens, show which prompts it read)
+    _, other, _ = multiseed.sample(multiseed.stack([models[1]]), models[1].config, prompts[0], 2, [6],
+                                   tok.eos_token_id, tok.pad_token_id, max_new_tokens=8)
+    assert (other[0] - logp[1]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="per-copy prompts"):
+        multiseed.sample(multiseed.stack(models), models[0].config, prompts[:1], 2, [5, 6], tok.eos_token_id,
+                         tok.pad_token_id)
