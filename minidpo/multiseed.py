@@ -69,7 +69,7 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
     C = wte.shape[-1]
     D = C // H
     h = torch.gather(wte, 1, input_ids.reshape(S, R * T, 1).expand(-1, -1, C)).reshape(S, R, T, C)
-    positions, key_mask = positions.expand(S, R, T), key_mask.expand(S, R, key_mask.shape[-1])  # one layout per copy
+    positions, key_mask = positions.expand(S, R, T), key_mask.expand(S, R, key_mask.shape[-1])  # per copy
     h = h + torch.gather(p["transformer.wpe.weight"], 1, positions.reshape(S, R * T, 1).expand(-1, -1, C)
                          ).reshape(S, R, T, C)  # (S, R, T, C)
     total = cache_len + T

@@ -311,6 +311,27 @@ def run_online(world, cfg: OnlineConfig | None = None, reward_fn=None, output_di
                             callback_every=callback_every)
 
 
+def _stacked_completion_logps(weights, config, prompts, completions, pad_token_id: int) -> torch.Tensor:
+    """log pi(y|x) summed over each completion's tokens, (S, B, k), for copy s's ``completions[s][i]`` (k each)
+    of its ``prompts[s][i]``, under the stacked ``weights`` (``multiseed``; with gradients where they have)."""
+    from . import multiseed
+
+    S, B, k = len(completions), len(completions[0]), len(completions[0][0])
+    # prompt + completion, right-padded: causal attention never reads the padding at the end
+    rows = [[p + c for p, per in zip(prompts[s], completions[s]) for c in per] for s in range(S)]
+    T = max(len(r) for per in rows for r in per)
+    ids = torch.full((S, B * k, T), pad_token_id, dtype=torch.long)
+    counted = torch.zeros(S, B * k, T, dtype=torch.bool)  # the completion's tokens
+    for s in range(S):
+        for j, r in enumerate(rows[s]):
+            ids[s, j, :len(r)] = torch.tensor(r)
+            counted[s, j, len(prompts[s][j // k]):len(r)] = True
+    logits = multiseed.forward(weights, config, ids, torch.arange(T).expand(B * k, T),
+                               torch.ones(B * k, T, dtype=torch.bool))  # (S, B*k, T, V)
+    token_logps = torch.log_softmax(logits[:, :, :-1], -1).gather(-1, ids[:, :, 1:, None])[..., 0]  # (S, B*k, T-1)
+    return (token_logps * counted[:, :, 1:]).sum(-1).view(S, B, k)
+
+
 def train_online_seeds(world, cfg: OnlineConfig, seeds, reward_fns=None, callback=None,
                        callback_every: int = 0) -> list[OnlineResult]:
     """``len(seeds)`` copies of pi_ref trained as ``run_online(world, replace(cfg, seed=s))`` trains each, but
@@ -359,24 +380,10 @@ def train_online_seeds(world, cfg: OnlineConfig, seeds, reward_fns=None, callbac
             completions, _, _ = multiseed.sample({n: v.detach() for n, v in params.items()}, config, batch, k,
                                                  sample_seeds, tok.eos_token_id, tok.pad_token_id,
                                                  max_new_tokens=cfg.max_new_tokens)
-            # prompt + completion, right-padded: causal attention never reads the padding at the end
-            rows = [[p + c for p, per in zip(batch[s], completions[s]) for c in per] for s in range(S)]
-            T = max(len(r) for per in rows for r in per)
-            ids = torch.full((S, B * k, T), tok.pad_token_id, dtype=torch.long)
-            counted = torch.zeros(S, B * k, T, dtype=torch.bool)  # the completion's tokens
-            for s in range(S):
-                for j, r in enumerate(rows[s]):
-                    ids[s, j, :len(r)] = torch.tensor(r)
-                    counted[s, j, len(batch[s][j // k]):len(r)] = True
-            def completion_logps_of(weights):  # (S, B, k): log pi(y|x) summed over the completion's tokens
-                logits = multiseed.forward(weights, config, ids, torch.arange(T).expand(B * k, T),
-                                           torch.ones(B * k, T, dtype=torch.bool))  # (S, B*k, T, V)
-                token_logps = torch.log_softmax(logits[:, :, :-1], -1).gather(-1, ids[:, :, 1:, None])[..., 0]
-                return (token_logps * counted[:, :, 1:]).sum(-1).view(S, B, k)
-
-            logps = completion_logps_of(params)  # (S, B, k), with gradients
+            logps = _stacked_completion_logps(params, config, batch, completions, tok.pad_token_id)  # (S, B, k)
             with torch.no_grad():
-                ref_logps = completion_logps_of({n: v.expand(S, *v.shape[1:]) for n, v in ref.items()})
+                ref_weights = {n: v.expand(S, *v.shape[1:]) for n, v in ref.items()}  # pi_ref for every copy
+                ref_logps = _stacked_completion_logps(ref_weights, config, batch, completions, tok.pad_token_id)
             losses, metrics = [], []
             for s in range(S):
                 texts = [[w.decode_completion(tok, c) for c in per] for per in completions[s]]
