@@ -59,7 +59,8 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
     ``key_mask`` (R, cache_len + T) is True where a key may be attended to (not padding); attention is causal
     within the new tokens. ``positions`` (S, R, T) and ``key_mask`` (S, R, cache_len + T) give each copy its
     own layout (copies fed different prompts). ``cache``: per layer a (keys, values) pair of
-    (S, R, H, T_max, D) buffers, filled at [cache_len, cache_len + T) and read up to there (None: no cache, T is the whole sequence).
+    (S, R, H, T_max, D) buffers, filled at [cache_len, cache_len + T) and read up to there (None: no cache,
+    T is the whole sequence).
     """
     S, R, T = input_ids.shape
     H, eps = config.n_head, config.layer_norm_epsilon
