@@ -158,7 +158,7 @@ def _make_world(world_cfg: w.WorldConfig, sft_cfg: SFTConfig, model_cfg: ModelCo
         t = time.perf_counter()
         train_prompts, heldout_prompts = w.make_prompts(world_cfg)
         sample = dict(k=world_cfg.samples_per_prompt, max_new_tokens=world_cfg.max_new_tokens,
-                      temperature=world_cfg.temperature)
+                      temperature=world_cfg.temperature, top_k=world_cfg.pair_top_k)
         train_completions = w.sample_completions(reference, tokenizer, train_prompts, seed=world_cfg.seed, **sample)
         heldout_completions = w.sample_completions(reference, tokenizer, heldout_prompts,
                                                    seed=world_cfg.seed + 1, **sample)

@@ -96,6 +96,9 @@ class WorldConfig:
     samples_per_prompt: int = 2    # completions sampled from pi_ref per prompt; consecutive ones are paired
     max_new_tokens: int = 24       # generation budget; the grammar's longest completion is 15 tokens + EOS
     temperature: float = 1.0       # sampling temperature for the completions that get labelled
+    pair_top_k: int = 50           # the labelled completions come from pi_ref's 50 most likely next tokens
+                                   # (transformers' default top-k, with which the course's world was made);
+                                   # evaluation always samples the full distribution (top_k=0)
     bt_scale: float = 1.0          # Bradley-Terry temperature: P(a > b) = sigmoid(utility diff / bt_scale);
                                    # larger = noisier labels, 0 = deterministic (ties by a fair coin)
     length_bonus: float = 0.0      # utility per extra word in the labeller's eyes (0: labels follow the
@@ -114,6 +117,9 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.intensifier_prob must be in [0, 1], got {self.intensifier_prob!r}")
         if self.temperature < 0:
             raise ValueError(f"WorldConfig.temperature must be >= 0, got {self.temperature!r}")
+        if int(self.pair_top_k) != self.pair_top_k or self.pair_top_k < 0:
+            raise ValueError(f"WorldConfig.pair_top_k must be a whole number >= 0 (0: full distribution), "
+                             f"got {self.pair_top_k!r}")
         if not self.bt_scale >= 0:
             raise ValueError(f"WorldConfig.bt_scale must be >= 0, got {self.bt_scale!r}")
 
@@ -220,7 +226,7 @@ def make_prompts(cfg: WorldConfig | None = None) -> tuple[list[str], list[str]]:
 
 @torch.no_grad()
 def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, max_new_tokens: int = 24,
-                            temperature: float = 1.0, seed: int = 0, batch_size: int = 256):
+                            temperature: float = 1.0, seed: int = 0, batch_size: int = 256, top_k: int = 0):
     """Sample `k` completions per prompt; return (prompt_ids, completion_ids) as token-id lists.
 
     `prompt_ids[i]` is the prompt's tokens (no special tokens added); `completion_ids[i][j]` is the j-th
@@ -228,8 +234,8 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
     These are the exact sampled tokens, which is what a Monte-Carlo KL estimate must score
     (`minidpo.evaluate`), since decoding and re-encoding need not give the same tokens back.
 
-    Sampling is from the model's full distribution at `temperature` (no top-k / top-p); temperature 0 is
-    greedy decoding. Prompts are left-padded in batches of `batch_size` rows (generate() derives the position
+    Sampling is from the model's full distribution at `temperature` (`top_k=0`, no top-p), as a KL estimate
+    needs; `top_k > 0` keeps only the k most likely next tokens; temperature 0 is greedy decoding. Prompts are left-padded in batches of `batch_size` rows (generate() derives the position
     ids from the attention mask, so padding does not change the distribution). The result depends only on
     `seed` (and `batch_size`); the global RNG is left as it was.
     """
@@ -262,7 +268,7 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
     gen_cfg = GenerationConfig(
         # top_k=0, not None: transformers fills None with its default top-k of 50, which would sample from a
         # truncated distribution while the KL estimate scores the full one
-        do_sample=not greedy, temperature=None if greedy else float(temperature), top_k=0, top_p=None,
+        do_sample=not greedy, temperature=None if greedy else float(temperature), top_k=int(top_k), top_p=None,
         max_new_tokens=int(max_new_tokens), eos_token_id=eos_id, pad_token_id=pad_id,
         bos_token_id=tokenizer.bos_token_id,
     )
@@ -301,7 +307,8 @@ def decode_completion(tokenizer, ids: list[int]) -> str:
 
 
 def sample_completions(model, tokenizer, prompts: list[str], k: int = 2, max_new_tokens: int = 24,
-                       temperature: float = 1.0, seed: int = 0, batch_size: int = 256) -> list[list[str]]:
+                       temperature: float = 1.0, seed: int = 0, batch_size: int = 256,
+                       top_k: int = 0) -> list[list[str]]:
     """`k` sampled completions per prompt, as text (without the prompt and without EOS).
 
     Completions come back with their leading space (" great . the cast is fun ."), so `prompt + completion`
@@ -309,7 +316,8 @@ def sample_completions(model, tokenizer, prompts: list[str], k: int = 2, max_new
     stops at EOS).
     """
     _, completion_ids = generate_completion_ids(model, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, seed=seed, batch_size=batch_size)
+                                                temperature=temperature, seed=seed, batch_size=batch_size,
+                                                top_k=top_k)
     return [[decode_completion(tokenizer, ids) for ids in per_prompt] for per_prompt in completion_ids]
 
 

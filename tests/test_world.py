@@ -307,3 +307,13 @@ def test_two_processes_building_one_world_build_it_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert sorted("built" in o for o in outs) == [False, True], outs  # one built, the other reused
     assert sum("reused" in o for o in outs) == 1
+
+
+def test_pair_top_k_is_validated_and_changes_the_world_key():
+    from minidpo import experiment as ex
+    from minidpo.train import SFTConfig
+
+    with pytest.raises(ValueError, match="pair_top_k"):
+        WorldConfig(pair_top_k=-1)
+    keys = {ex.world_key(WorldConfig(pair_top_k=k), SFTConfig(), ex.ModelConfig()) for k in (0, 50)}
+    assert len(keys) == 2  # a world sampled another way is another world, never a stale cache hit
