@@ -161,6 +161,13 @@ def _fixed_tables(seed: int = 0, p: int = 3, k: int = 5):
     return ref, r
 
 
+def _tables_and_policy(table_seed: int, policy_seed: int):
+    """``_fixed_tables(table_seed)`` and a random policy table of the same shape, (3, 5), from ``policy_seed``."""
+    ref, r = _fixed_tables(table_seed)
+    pi = np.random.default_rng(policy_seed).dirichlet(np.ones(ref.shape[-1]), size=ref.shape[0])
+    return ref, r, pi
+
+
 def _pi_star(ref, r, beta):
     """pi*(y|x) = pi_ref exp(r / beta) / Z(x), in log space so that small beta does not overflow."""
     with np.errstate(divide="ignore"):
@@ -283,9 +290,7 @@ def _objective(pi, ref, r, beta):
 
 @_exercise(3, "the objective J, and J(pi*) = beta E log Z", "01")
 def check_objective(s: _Student) -> None:
-    ref, r = _fixed_tables(2)
-    rng = np.random.default_rng(3)
-    pi = rng.dirichlet(np.ones(5), size=3)
+    ref, r, pi = _tables_and_policy(2, 3)
     beta = 0.7
     got = float(_np(s.call("objective_J", _t(pi), _t(ref), _t(r), beta)))
     want = _objective(pi, ref, r, beta)
@@ -416,9 +421,7 @@ def check_dpo_loss(s: _Student) -> None:
 
 @_exercise(6, "the implicit reward beta log pi/pi_ref", "02")
 def check_implicit_reward(s: _Student) -> None:
-    ref, r = _fixed_tables(4)
-    rng = np.random.default_rng(5)
-    pi = rng.dirichlet(np.ones(5), size=3)
+    ref, r, pi = _tables_and_policy(4, 5)
     beta = 0.3
     got = _shape_is(s.call("implicit_reward_table", _t(pi), _t(ref), beta), ref.shape, "implicit_reward_table")
     want = beta * np.log(pi / ref)
