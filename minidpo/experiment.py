@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
@@ -248,22 +249,83 @@ class _Logits:
         raise RuntimeError("run_dpo_seeds: batch_loss ran a forward pass that was not batched ahead")
 
 
-def _stacked_inputs(batches: list[dict], device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Chosen and rejected of every seed's batch, laid out as ``concatenated_forward`` lays them out (its ids
-    per seed, (2B, T_i)), and all seeds right-padded to one length: ids (S, 2B, T) and the 4-D attention mask
-    (S, 2B, 1, T, T), additive as eager attention adds it: 0 where a query may look (causal and not padding),
-    a large negative number elsewhere. The mask is built here, outside vmap: the model's own mask code branches
-    on the mask's values, which vmap cannot trace."""
+PACKED_ROW = 64  # tokens per packed row of run_dpo_seeds (rows grow to the longest pair if that is longer): on
+                 # the course's world 16 pairs fill ~7 such rows, against 32 rows of ~42 tokens unpacked
+
+
+def _packed_inputs(batches: list[dict], device) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Every seed's batch packed for one batched forward, and where ``concatenated_forward``'s logits lie in it.
+
+    ``concatenated_forward`` runs 2B right-padded rows per seed: chosen then rejected, each prompt + completion.
+    About a third of those tokens are padding, and every prompt is run twice. Here a pair becomes one segment,
+    its two rows' common prefix (the prompt, at least) once, then the rest of the chosen row, then the rest of
+    the rejected row, with the positions each token has in its own row. Segments are packed first-fit into rows
+    of ``PACKED_ROW`` tokens. The attention mask lets a token see the tokens before it in its own row only
+    (its segment's prefix and its own side), so each token's logits are those of the unpacked forward, and
+    ``index`` gathers them back into the unpacked layout. On the course's world this runs 0.53x the tokens.
+
+    Returns: ``ids``, per seed the (2B, T_i) input ids ``concatenated_forward`` builds (``_Logits`` matches on
+    them); ``packed``, {"input_ids": (S, R, L), "position_ids": (S, R, L), "attention_mask": (S, R, 1, L, L)},
+    the mask additive as eager attention adds it (built outside vmap: the model's own mask code branches on
+    values); ``index`` (S, 2B, T) into the flattened (R * L) packed positions, T = max T_i.
+    """
     ids = [_cat_padded(b["chosen_input_ids"], b["rejected_input_ids"], 0) for b in batches]  # (2B, T_i)
-    mask = [_cat_padded(b["chosen_attention_mask"], b["rejected_attention_mask"], 0) for b in batches]
-    length = max(x.shape[1] for x in ids)
-    pad = torch.nn.functional.pad
-    stacked = torch.stack([pad(x, (0, length - x.shape[1])) for x in ids])  # (S, 2B, T)
-    mask = torch.stack([pad(x, (0, length - x.shape[1])) for x in mask])  # (S, 2B, T)
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)
-    allowed = causal & mask.bool()[:, :, None, None, :]  # (S, 2B, 1, T, T)
-    additive = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return ids, stacked, additive
+    masks = [_cat_padded(b["chosen_attention_mask"], b["rejected_attention_mask"], 0) for b in batches]
+    T = max(x.shape[1] for x in ids)
+    pairs = []  # per seed: per pair (chosen ids, rejected ids, length of their common prefix)
+    for x, m in zip(ids, masks):
+        x, lengths, n = x.cpu().numpy(), m.sum(1).tolist(), x.shape[0] // 2
+        per_seed = []
+        for j in range(n):
+            chosen, rejected = x[j, :lengths[j]], x[n + j, :lengths[n + j]]
+            k = min(len(chosen), len(rejected))
+            differ = np.flatnonzero(chosen[:k] != rejected[:k])
+            per_seed.append((chosen, rejected, int(differ[0]) if len(differ) else k))
+        pairs.append(per_seed)
+    size = lambda pair: len(pair[0]) + len(pair[1]) - pair[2]  # noqa: E731  tokens of a pair's segment
+    L = max(PACKED_ROW, max(size(p) for per_seed in pairs for p in per_seed))
+    placed = []  # per seed: per pair (row, offset); first-fit, longest first
+    for per_seed in pairs:
+        fill, at = [], [None] * len(per_seed)
+        for j in sorted(range(len(per_seed)), key=lambda j: -size(per_seed[j])):
+            r = next((r for r, used in enumerate(fill) if used + size(per_seed[j]) <= L), len(fill))
+            if r == len(fill):
+                fill.append(0)
+            at[j], fill[r] = (r, fill[r]), fill[r] + size(per_seed[j])
+        placed.append(at)
+    S, R, B2 = len(batches), max(r for at in placed for r, _ in at) + 1, ids[0].shape[0]
+    packed_ids, position_ids = np.zeros((S, R, L), dtype=np.int64), np.zeros((S, R, L), dtype=np.int64)
+    segment = np.zeros((S, R, L), dtype=np.int64)  # 1 + the pair's index; 0: padding
+    side = np.zeros((S, R, L), dtype=np.int64)  # 0: the common prefix, 1: chosen's rest, 2: rejected's rest
+    index = np.zeros((S, B2, T), dtype=np.int64)  # padding positions read index 0: they are never counted
+    for s, (per_seed, at) in enumerate(zip(pairs, placed)):
+        n = len(per_seed)
+        for j, ((chosen, rejected, common), (r, o)) in enumerate(zip(per_seed, at)):
+            c, end = len(chosen), o + size(per_seed[j])
+            packed_ids[s, r, o:o + c], packed_ids[s, r, o + c:end] = chosen, rejected[common:]
+            position_ids[s, r, o:o + c], position_ids[s, r, o + c:end] = np.arange(c), np.arange(common, len(rejected))
+            segment[s, r, o:end], side[s, r, o + common:o + c], side[s, r, o + c:end] = j + 1, 1, 2
+            base = r * L + o
+            index[s, j, :c] = base + np.arange(c)
+            index[s, n + j, :len(rejected)] = np.concatenate([base + np.arange(common),
+                                                              base + c + np.arange(len(rejected) - common)])
+    segment, side = torch.from_numpy(segment), torch.from_numpy(side)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L): earlier in the packed row
+    same_pair = (segment[..., :, None] == segment[..., None, :]) & (segment[..., None, :] > 0)  # (S, R, L, L)
+    same_row = (side[..., None, :] == 0) | (side[..., None, :] == side[..., :, None])  # key shared or on q's side
+    allowed = (causal & same_pair & same_row)[:, :, None]  # (S, R, 1, L, L)
+    additive = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    packed = {"input_ids": torch.from_numpy(packed_ids), "position_ids": torch.from_numpy(position_ids),
+              "attention_mask": additive}
+    return ids, {k: v.to(device) for k, v in packed.items()}, torch.from_numpy(index).to(device)
+
+
+def _unpack(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Packed logits (S, R, L, V) gathered into the unpacked layout (S, 2B, T, V) that ``index`` describes."""
+    S, R, L, V = logits.shape
+    flat = logits.reshape(S, R * L, V)
+    picked = torch.gather(flat, 1, index.reshape(S, -1, 1).expand(-1, -1, V))  # (S, 2B * T, V)
+    return picked.reshape(*index.shape, V)
 
 
 def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=None, callback=None,
@@ -340,10 +402,11 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
     params, _ = stack_module_state([reference] * S)  # {name: (S, *shape)}, fresh leaves that require grad
     buffers = {k: v for k, v in skeleton.named_buffers()}  # shared, not stacked: the copies never change them
 
-    def one_copy(p, input_ids, mask):  # input_ids (2B, T), mask (2B, 1, T, T)
-        return functional_call(skeleton, (p, buffers), (), {"input_ids": input_ids, "attention_mask": mask}).logits
+    def one_copy(p, packed):  # packed: one copy's rows (R, L), as _packed_inputs lays them out
+        return functional_call(skeleton, (p, buffers), (), packed).logits  # (R, L, V)
 
-    batched = vmap(one_copy)  # (S, ...) in, (S, 2B, T, V) out
+    def batched(packed, index):  # every copy on its own rows, the logits put back where concatenated_forward has them
+        return _unpack(vmap(one_copy)(params, packed), index)  # (S, 2B, T, V)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
                               num_training_steps=total_steps)
@@ -391,14 +454,14 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
             if kl_features[0] is not None:  # KTO's mismatched (x, y') pairs of these rows, for its z0
                 for i in range(S):
                     batches[i]["kl"] = _to(collator([kl_features[i][r] for r in rows_per_seed[i]]), device)
-            ids, stacked, mask4 = _stacked_inputs(batches, device)
+            ids, packed, index = _packed_inputs(batches, device)
             with autocast:
-                logits = batched(params, stacked, mask4)  # (S, 2B, T, V)
+                logits = batched(packed, index)  # (S, 2B, T, V)
                 computed = [[(ids[i], logits[i])] for i in range(S)]
                 if kl_features[0] is not None:  # z0 is read without gradient, as batch_loss does
                     with torch.no_grad():
-                        kl_ids, kl_stacked, kl_mask4 = _stacked_inputs([b["kl"] for b in batches], device)
-                        kl_logits = batched(params, kl_stacked, kl_mask4)  # (S, 2B, T', V)
+                        kl_ids, kl_packed, kl_index = _packed_inputs([b["kl"] for b in batches], device)
+                        kl_logits = batched(kl_packed, kl_index)  # (S, 2B, T', V)
                     for i in range(S):
                         computed[i].append((kl_ids[i], kl_logits[i]))
                 losses, metrics = [], []

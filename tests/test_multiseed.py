@@ -5,6 +5,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -226,3 +227,53 @@ def test_sample_with_each_copy_on_its_own_prompts(tiny_world):
     with pytest.raises(ValueError, match="per-copy prompts"):
         multiseed.sample(multiseed.stack(models), models[0].config, prompts[:1], 2, [5, 6], tok.eos_token_id,
                          tok.pad_token_id)
+
+
+def _packed_logits(model, batches, leak: bool = False):
+    """run_dpo_seeds' forward on packed rows (optionally with a mask that lets the rejected side see the chosen
+    side: the negative control), gathered back into the unpacked layout: (S, 2B, T, V)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    ids, packed, index = experiment._packed_inputs(batches, "cpu")
+    if leak:  # every earlier token of the row visible, as if chosen and rejected were one sequence
+        L = packed["attention_mask"].shape[-1]
+        packed["attention_mask"] = torch.zeros(L, L).masked_fill_(~torch.ones(L, L, dtype=torch.bool).tril(),
+                                                                  torch.finfo(torch.float32).min
+                                                                  ).expand_as(packed["attention_mask"])
+    skeleton = model.__class__(model.config).eval()
+    skeleton.set_attn_implementation("eager")
+    params, _ = stack_module_state([model] * len(batches))
+    buffers = dict(skeleton.named_buffers())
+    logits = vmap(lambda p, x: functional_call(skeleton, (p, buffers), (), x).logits)(params, packed)
+    return ids, experiment._unpack(logits, index), packed
+
+
+def test_packed_pairs_give_the_logits_of_the_unpacked_forward(tiny_world):
+    """Chosen and rejected share their common prefix in one packed segment; each token must see exactly what it
+    sees in its own row. Edge cases: a common prefix longer than the prompt, a rejected row that is a prefix of
+    the chosen one, and seeds whose batches differ in length."""
+    from minidpo.data import PreferenceCollator, tokenize_preferences
+
+    tok, model = tiny_world.tokenizer, tiny_world.reference
+    prompt = tiny_world.train_pairs[0]["prompt"]
+    rows = [dict(r) for r in tiny_world.train_pairs.select(range(6))] + [
+        {"prompt": prompt, "chosen": " the food was great. the staff", "rejected": " the food was great. the room"},
+        {"prompt": prompt, "chosen": " the food was great. the staff was kind.", "rejected": " the food was great."},
+    ]
+    features, _ = tokenize_preferences(datasets.Dataset.from_list(rows), tok)
+    collate = PreferenceCollator(tok.pad_token_id)
+    batches = [collate(features[:4]), collate(features[4:])]  # two seeds, different rows and lengths
+    ids, logits, packed = _packed_logits(model, batches)
+    tokens = sum(int((x != 0).sum()) for x in ids)
+    assert packed["input_ids"].numel() < tokens  # the common prefixes are run once
+    for s, b in enumerate(batches):
+        mask = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])  # (2B, T_s)
+        expected = model(input_ids=ids[s], attention_mask=mask).logits  # (2B, T_s, V)
+        counted = mask.bool()
+        assert torch.allclose(logits[s, :, : ids[s].shape[1]][counted], expected[counted], atol=1e-5)
+    # negative control: the rejected side seeing the chosen side changes its logits, and the check sees it
+    _, leaked, _ = _packed_logits(model, batches, leak=True)
+    b = batches[1]
+    mask = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]]).bool()
+    expected = model(input_ids=ids[1], attention_mask=mask.long()).logits
+    assert not torch.allclose(leaked[1, :, : ids[1].shape[1]][mask], expected[mask], atol=1e-3)
