@@ -79,7 +79,9 @@ def main() -> None:
         f"{args.seeds} seeds, {args.seeds} x run_dpo":
             lambda: [experiment.run_dpo(world, replace(cfg, seed=s), log=quiet) for s in seeds],
     }
-    if args.threads:
+    if args.threads:  # one seed gets the same threads, so the ratio compares like with like
+        jobs[f"1 seed, run_dpo_seeds ({args.threads} threads)"] = (
+            lambda: experiment.run_dpo_seeds(world, cfg, [0], log=quiet, threads=args.threads))
         jobs[f"{args.seeds} seeds, run_dpo_seeds ({args.threads} threads)"] = (
             lambda: experiment.run_dpo_seeds(world, cfg, seeds, log=quiet, threads=args.threads))
     print(f"load average before: {load()}   ({os.cpu_count()} cores; torch {torch.__version__})")

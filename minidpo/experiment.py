@@ -7,6 +7,8 @@
     run_dpo_seeds several copies of pi_ref, one per seed, trained together: one batched model call per step.
     relabel       the world's pairs with the Bradley-Terry labeller's coins drawn again from another seed.
     evaluate      true reward, KL(pi || pi_ref) and implicit-reward accuracy on held-out prompts.
+    train_and_evaluate_seeds   one objective over seeds, each seed's end point (and path) measured: how
+                  notebooks 06, 06b and 06c compare objectives.
 """
 
 from __future__ import annotations
@@ -556,6 +558,56 @@ def evaluate_seeds(world: World, policies, beta: float, seeds, n_samples: int = 
             "completions": texts,
         })
     return out
+
+
+def train_and_evaluate_seeds(world: World, cfg: DPOConfig, seeds, pairs_per_seed=None, path_prompts=None,
+                             path_every: int = 0, reference_result: dict | None = None, n_samples: int = 2,
+                             log=print) -> list[dict]:
+    """One objective over ``seeds`` (``run_dpo_seeds``), each seed's policy measured as notebook 06 and its
+    companions compare objectives. One row per seed: seed; reward, kl, grammatical, length (``evaluate_policy``
+    on all held-out prompts, ``n_samples`` each, sampling seed 0, so seeds differ in training only); accuracy
+    (implicit reward on the held-out pairs); chosen, rejected, margin (``evaluate.logprob_shift``, nats);
+    history (the training log); path (None, or with ``path_every``: reward, kl, grammatical and length at step 0
+    (pi_ref: ``reference_result``, KL 0), every ``path_every`` steps on ``path_prompts``, and at the end the end
+    point itself, measured once). Paths need ``cfg.max_steps``, so the last step is known in advance."""
+    keys = ("reward", "kl", "grammatical", "length")
+    features = ev._tokenize_if_needed(world.heldout_pairs, world.tokenizer)
+    pad = world.tokenizer.pad_token_id
+    with small_model_threads(world.reference):
+        reference_logps = ev.pair_logps(world.reference, features, pad_token_id=pad)
+
+    def sampled(policy, prompts):
+        return ev.evaluate_policy(policy, world.reference, world.tokenizer, prompts, None, beta=cfg.beta,
+                                  n_samples=n_samples, seed=0)
+
+    def end_point(policy) -> dict:
+        e, logps = sampled(policy, world.heldout_prompts), ev.pair_logps(policy, features, pad_token_id=pad)
+        shift = ev.logprob_shift(logps, reference_logps, features)
+        return {**{k: e[k] for k in keys}, "accuracy": ev.implicit_reward_accuracy(logps, reference_logps, features,
+                                                                                   beta=cfg.beta),
+                **{k: shift[k] for k in ("chosen", "rejected", "margin")}}
+
+    ends: dict[int, dict] = {}
+    callback = None
+    if path_every:
+        if not cfg.max_steps:
+            raise ValueError("train_and_evaluate_seeds: a path needs cfg.max_steps (the step of the end point)")
+        if reference_result is None:
+            reference_result = sampled(world.reference, world.heldout_prompts)
+
+        def callback(step, policies):
+            if step == 0:  # every policy is pi_ref
+                return [{**{k: reference_result[k] for k in keys}, "kl": 0.0} for _ in policies]
+            if step == cfg.max_steps:
+                ends.update({i: end_point(p) for i, p in enumerate(policies)})
+                return [{k: ends[i][k] for k in keys} for i in range(len(policies))]
+            return [{k: v for k, v in sampled(p, path_prompts).items() if k in keys} for p in policies]
+
+    runs = run_dpo_seeds(world, cfg, seeds, pairs_per_seed=pairs_per_seed, callback=callback,
+                         callback_every=path_every, log=log)
+    with small_model_threads(world.reference):
+        return [{"seed": int(seed), **(ends.get(i) or end_point(run.model)), "history": run.history,
+                 "path": run.evaluations if path_every else None} for i, (seed, run) in enumerate(zip(seeds, runs))]
 
 
 def reference_samples(world: World, k: int, seed: int = 1, max_new_tokens: int = 24) -> list[list[str]]:

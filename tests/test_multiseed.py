@@ -277,3 +277,25 @@ def test_packed_pairs_give_the_logits_of_the_unpacked_forward(tiny_world):
     mask = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]]).bool()
     expected = model(input_ids=ids[1], attention_mask=mask.long()).logits
     assert not torch.allclose(leaked[1, :, : ids[1].shape[1]][mask], expected[mask], atol=1e-3)
+
+
+def test_train_and_evaluate_seeds_rows_and_one_end_measurement(tiny_world, monkeypatch):
+    from minidpo import evaluate as ev
+
+    calls = []
+    original = ev.evaluate_policy
+    monkeypatch.setattr(ev, "evaluate_policy", lambda *a, **k: calls.append(len(a[3])) or original(*a, **k))
+    cfg = _cfg(max_steps=4)
+    rows = experiment.train_and_evaluate_seeds(tiny_world, cfg, [0, 1], path_prompts=tiny_world.heldout_prompts[:4],
+                                               path_every=2, log=quiet)
+    n_all = len(tiny_world.heldout_prompts)
+    # pi_ref once (step 0), 2 policies on the path prompts at step 2, and each end point once: not again at step 4
+    assert calls == [n_all, 4, 4, n_all, n_all]
+    for seed, row in zip([0, 1], rows):
+        assert row["seed"] == seed and len(row["history"]) == 4
+        assert [p["step"] for p in row["path"]] == [0, 2, 4] and row["path"][0]["kl"] == 0.0
+        assert all(row["path"][-1][k] == row[k] for k in ("reward", "kl", "grammatical", "length"))
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["margin"] == pytest.approx(row["chosen"] - row["rejected"])
+    assert rows[0]["history"][-1]["loss"] != rows[1]["history"][-1]["loss"]  # the seeds trained differently
+    with pytest.raises(ValueError, match="max_steps"):
+        experiment.train_and_evaluate_seeds(tiny_world, _cfg(max_steps=None, epochs=1), [0], path_every=2, log=quiet)
