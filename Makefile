@@ -30,11 +30,12 @@ demo: $(VENV)/.installed
 
 # Two workers (pytest-xdist): the course's models run on one thread each, so two cores run two notebooks at once.
 # --dist loadfile keeps each notebook's cells on one worker, in order. JOBS=1 runs everything in one process.
-# The longest notebooks go first, so neither worker is left with two of them at the end (xdist hands each worker
-# two files to start with: 06 + 07 to one, 05 + 04 to the other).
+# The longest notebooks go first, so neither worker is left with a long one at the end (xdist hands each worker
+# two files to start with, then the next file to whichever worker is free).
 JOBS ?= 2
 NB_FIRST  := $(addprefix notebooks/,06_variants_side_by_side.ipynb 05_tiny_dpo_run_and_frontier.ipynb \
-             07_claims_checked.ipynb 04_preference_displacement.ipynb 08_online_vs_offline.ipynb)
+             04_preference_displacement.ipynb 06b_length_loving_labeller.ipynb 08_online_vs_offline.ipynb \
+             06c_label_noise.ipynb 07_claims_checked.ipynb)
 NOTEBOOKS := $(foreach f,$(NB_FIRST),$(filter $(f),$(wildcard notebooks/*.ipynb))) \
              $(filter-out $(NB_FIRST),$(sort $(wildcard notebooks/*.ipynb)))
 test: $(VENV)/.installed

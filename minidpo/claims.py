@@ -1,6 +1,6 @@
 """The course's verdicts on the claims of its source texts: one record per claim, the single place they live.
 
-Notebook 07 renders the table from here and runs the checks; notebooks 04, 05, 06 and 08 show their evidence
+Notebook 07 renders the table from here and runs the checks; notebooks 04, 05, 06, 06b, 06c and 08 show their evidence
 and refer to a record by its id (``claims.get("C11")``). A record says who claims what (the source by its public
 identity, with the short quote), the verdict (``holds``, ``holds only if``, ``wrong``), what holds instead, and
 where the evidence is. Records reserved for a measurement another notebook makes carry the verdict ``PENDING``
@@ -136,16 +136,16 @@ CLAIMS: tuple[Claim, ...] = (
     _c("C17", [(CH, "cDPO assumes N percent of the data is incorrectly labelled")],
        "cDPO assumes a fraction of flipped labels", HOLDS,
        "its per-pair optimum is the finite margin log((1-eps)/eps)/beta; but with eps equal to the true flip "
-       "rate it does NOT undo the flips: it shrinks the learned reward a second time (06 §7, exact world over 10 "
+       "rate it does NOT undo the flips: it shrinks the learned reward a second time (06c §2, exact world over 10 "
        "seeds); robust DPO is the unbiased one. Cite Mitchell 2023",
-       "07 §5; 06 §7", "sympy + exact world"),
+       "07 §5; 06c", "sympy + exact world"),
     _c("C18", [(CH, "moving away from the Bradley-Terry assumption, with $\\Psi(q) = \\log")],
        "IPO uses Psi(q) = log(q/(1-q))", WRONG,
        "Psi = logit is the choice that gives back RLHF and DPO; IPO is Psi = identity (a bounded target)",
        "07 §1.3", "sympy + exact world"),
     _c("C19", [(ENC, "avoid the problematic regime where $\\sigma(\\cdot) \\to 1$")], "The IPO loss (h - 1/(2 beta))^2 avoids the regime where the gradient vanishes",
        ONLY_IF, "the formula is right; the motivation is DPO's infinite optimum under deterministic labels",
-       "07 §1.3; 06 §9", "torch + sympy"),
+       "07 §1.3; 06 §7", "torch + sympy"),
     _c("C20", [(GLO, "IPO (Identity Policy Optimization): A variant that adds a regularization term")],
        "IPO is 'Identity Policy Optimization' and adds a regularisation term", WRONG,
        "Identity PREFERENCE Optimisation; it replaces the logistic loss by a squared one", "07 §1.3", "citation"),
@@ -155,8 +155,8 @@ CLAIMS: tuple[Claim, ...] = (
     _c("C22", [(ENC, "SimPO (Simple Preference Optimisation")],
        "SimPO: averaged log-probs, no reference, no length bias", ONLY_IF,
        "SimPO = length-averaged reward AND no reference AND a target margin; length bias is not removed: it "
-       "follows a length-loving labeller to 20-word run-on answers, KL up to 38, in every seed (06 §6)",
-       "07 §5; 06 §6", "torch + GPT-2 world over seeds"),
+       "follows a length-loving labeller to 20-word run-on answers, KL up to 38, in every seed (06b)",
+       "07 §5; 06b", "torch + GPT-2 world over seeds"),
     _c("C23", [(ENC, "uses unpaired preference data")], "The KTO loss as the encyclopedia writes it", WRONG,
        "signs swapped (minimising it lowers desirable outputs) and beta applied twice; KTO is lambda_y - v",
        "07 §1.7", "autograd"),
@@ -273,7 +273,7 @@ CLAIMS: tuple[Claim, ...] = (
        "sends DPO to KL 29 and a length-loving labeller lengthens its answers by 5.7 words. Across families the "
        "algorithm matters: the hinge, KTO and APO-zero buy about half of DPO's reward at matched KL in every "
        "seed, and ORPO follows the labeller less (3.2 words) than objectives differ under one labeller (5.2)",
-       "06 §5, §6",
+       "06 §5; 06b",
        "GPT-2 world over seeds"),
     _c("C48", [(CH, "DPO treats every pair of preference data with equal weight")],
        "DPO treats every pair with equal weight", ONLY_IF,
@@ -285,10 +285,10 @@ CLAIMS: tuple[Claim, ...] = (
        "over-optimises it", "07 §6; 06 §3", "citation"),
     _c("C50", [(TUT, "Human Noise Amplification")],
        "Inconsistent or biased human feedback is amplified by DPO", ONLY_IF,
-       "biased feedback is reproduced as if it were the reward, by every objective in every seed (06 §6, a "
+       "biased feedback is reproduced as if it were the reward, by every objective in every seed (06b, a "
        "length-loving labeller); random label flips are damped, not amplified: DPO's optimum under flips is pi* "
-       "of a SHRUNK reward, so it moves less (06 §7, exact world over 10 seeds), and on GPT-2 flips at 0.2 cost "
-       "every objective reward in every one of 5 seeds", "06 §6, §7", "exact world + GPT-2 world over seeds"),
+       "of a SHRUNK reward, so it moves less (06c §2, exact world over 10 seeds), and on GPT-2 flips at 0.2 cost "
+       "every objective reward in every one of 5 seeds", "06b; 06c", "exact world + GPT-2 world over seeds"),
 )
 
 _BY_ID = {c.id: c for c in CLAIMS}

@@ -252,7 +252,7 @@ class _Logits:
 
 
 PACKED_ROW = 64  # tokens per packed row of run_dpo_seeds (rows grow to the longest pair if that is longer): on
-                 # the course's world 16 pairs fill ~7 such rows, against 32 rows of ~42 tokens unpacked
+                 # the course's world 16 pairs fill ~8 such rows, against 32 padded rows of ~28 tokens
 
 
 def _packed_inputs(batches: list[dict], device) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
@@ -264,7 +264,8 @@ def _packed_inputs(batches: list[dict], device) -> tuple[list[torch.Tensor], dic
     the rejected row, with the positions each token has in its own row. Segments are packed first-fit into rows
     of ``PACKED_ROW`` tokens. The attention mask lets a token see the tokens before it in its own row only
     (its segment's prefix and its own side), so each token's logits are those of the unpacked forward, and
-    ``index`` gathers them back into the unpacked layout. On the course's world this runs 0.53x the tokens.
+    ``index`` gathers them back into the unpacked layout. On the course's world this runs 0.57x the positions
+    (5 seeds, 124 steps: 318k against 554k, of which 370k are real tokens).
 
     Returns: ``ids``, per seed the (2B, T_i) input ids ``concatenated_forward`` builds (``_Logits`` matches on
     them); ``packed``, {"input_ids": (S, R, L), "position_ids": (S, R, L), "attention_mask": (S, R, 1, L, L)},
