@@ -105,13 +105,18 @@ def sample_and_score(model, tokenizer, prompts: Sequence[str], n_samples: int = 
     return {"completions": completions, "rewards": rewards, "reward": mean, "reward_se": se}
 
 
-def _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad_token_id):
-    """Per-sample log π(y|x) − log π_ref(y|x) for the flattened samples, and the flat lists."""
+def _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad_token_id, policy_logps=None):
+    """Per-sample log π(y|x) − log π_ref(y|x) for the flattened samples. ``policy_logps``: π's log-probs of the
+    samples as sampling read them (``generate_completion_ids(..., return_logps=True)``); else scored here."""
     flat_prompts = [p for p, per in zip(prompt_ids, completion_ids) for _ in per]
     flat_completions = [c for per in completion_ids for c in per]
-    pol = score_completions(policy, flat_prompts, flat_completions, batch_size, pad_token_id)
-    ref = pol if reference is policy else score_completions(reference, flat_prompts, flat_completions,
-                                                            batch_size, pad_token_id)
+    if reference is policy:  # the same model scores both sides: exactly 0
+        return [0.0] * len(flat_completions)
+    if policy_logps is not None:
+        pol = torch.tensor([v for per in policy_logps for v in per], dtype=torch.float32)
+    else:
+        pol = score_completions(policy, flat_prompts, flat_completions, batch_size, pad_token_id)
+    ref = score_completions(reference, flat_prompts, flat_completions, batch_size, pad_token_id)
     return (pol - ref).tolist()
 
 
@@ -121,13 +126,13 @@ def sequence_kl(policy, reference, tokenizer, prompts: Sequence[str], n_samples:
 
     `n_samples` completions per prompt are sampled from the policy at temperature 1 (the estimator needs
     samples from π itself), and the exact sampled tokens (EOS included when the policy stopped) are scored by
-    both models. Returns (mean, standard error over all samples). Each term can be negative; the mean
+    both models: π's log-probs are read from the logits that drew the samples, π_ref's in one forward. Returns (mean, standard error over all samples). Each term can be negative; the mean
     converges to the KL, which is >= 0. A model against itself gives exactly 0.
     """
-    prompt_ids, completion_ids = world.generate_completion_ids(
+    prompt_ids, completion_ids, logps = world.generate_completion_ids(
         policy, tokenizer, list(prompts), k=n_samples, max_new_tokens=max_new_tokens, temperature=1.0,
-        seed=seed, batch_size=batch_size)
-    terms = _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, _pad_id(tokenizer))
+        seed=seed, batch_size=batch_size, return_logps=True)
+    terms = _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, _pad_id(tokenizer), logps)
     return mean_and_se(terms)
 
 
@@ -257,15 +262,15 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
     prompts = list(heldout_prompts)
     if not prompts:
         raise ValueError("evaluate_policy: got no held-out prompts")
-    prompt_ids, completion_ids = world.generate_completion_ids(
+    prompt_ids, completion_ids, policy_logps = world.generate_completion_ids(
         policy, tokenizer, prompts, k=n_samples, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
-        batch_size=batch_size)
+        batch_size=batch_size, return_logps=True)
     texts = [[world.decode_completion(tokenizer, ids) for ids in per] for per in completion_ids]
     flat = [(p, c) for p, per in zip(prompts, texts) for c in per]
     rewards = [reward_fn(c) for _, c in flat]
     reward_mean, reward_se = mean_and_se(rewards)
     pad = _pad_id(tokenizer)
-    kl, kl_se = mean_and_se(_kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad))
+    kl, kl_se = mean_and_se(_kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad, policy_logps))
 
     accuracy = None
     if heldout_pairs is not None and len(heldout_pairs) > 0:

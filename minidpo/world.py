@@ -226,7 +226,8 @@ def make_prompts(cfg: WorldConfig | None = None) -> tuple[list[str], list[str]]:
 
 @torch.no_grad()
 def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, max_new_tokens: int = 24,
-                            temperature: float = 1.0, seed: int = 0, batch_size: int = 256, top_k: int = 0):
+                            temperature: float = 1.0, seed: int = 0, batch_size: int = 256, top_k: int = 0,
+                            return_logps: bool = False):
     """Sample `k` completions per prompt; return (prompt_ids, completion_ids) as token-id lists.
 
     `prompt_ids[i]` is the prompt's tokens (no special tokens added); `completion_ids[i][j]` is the j-th
@@ -238,6 +239,10 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
     needs; `top_k > 0` keeps only the k most likely next tokens; temperature 0 is greedy decoding. Prompts are left-padded in batches of `batch_size` rows (generate() derives the position
     ids from the attention mask, so padding does not change the distribution). The result depends only on
     `seed` (and `batch_size`); the global RNG is left as it was.
+
+    `return_logps=True` (temperature 1, full distribution only) also returns `logps[i][j]`, log π(completion)
+    summed over the sampled tokens (EOS included), read from the logits generate() computed to draw them:
+    a Monte-Carlo KL then needs no second forward pass of the policy (`_SampledLogps`).
     """
     from transformers import GenerationConfig
 
@@ -251,6 +256,8 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, not one string")
+    if return_logps and (temperature != 1.0 or top_k != 0):
+        raise ValueError("return_logps needs samples from the model's own distribution (temperature 1, top_k 0)")
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token; generation would never stop")
@@ -262,6 +269,7 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
         raise ValueError("every prompt must have at least one token (got an empty prompt)")
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
     completion_ids: list[list[list[int]]] = [[None] * k for _ in prompts]  # type: ignore[list-item]
+    logps: list[list[float]] = [[0.0] * k for _ in prompts]
 
     device = next(model.parameters()).device
     greedy = temperature == 0
@@ -287,15 +295,49 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
                     ids = prompt_ids[i]
                     input_ids[r, width - len(ids):] = torch.tensor(ids)
                     attention[r, width - len(ids):] = 1
+                reader = _SampledLogps(eos_id) if return_logps else None
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                     generation_config=gen_cfg)
+                                     generation_config=gen_cfg, logits_processor=[reader] if reader else None)
                 new = out[:, width:].tolist()
+                chunk_logps = reader.finish(out[:, -1]).tolist() if reader else None
                 for r, (i, j) in enumerate(chunk):
                     ids = new[r]
                     completion_ids[i][j] = ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+                    if reader:
+                        logps[i][j] = chunk_logps[r]
     finally:
         model.train(was_training)
-    return prompt_ids, completion_ids
+    return (prompt_ids, completion_ids, logps) if return_logps else (prompt_ids, completion_ids)
+
+
+class _SampledLogps:
+    """A logits processor for generate() that adds up, per row, log π of the tokens it samples.
+
+    generate() calls it with the raw logits of each step before drawing (nothing else is in the processor list
+    at temperature 1 and top_k 0); the token drawn at step t is the last column of `input_ids` at step t + 1, and
+    `finish` reads the last one. Tokens after a row's EOS (generate's padding) are not counted.
+    """
+
+    def __init__(self, eos_token_id: int):
+        self.eos, self.logprobs, self.total, self.done = eos_token_id, None, None, None
+
+    def _count(self, token: torch.Tensor) -> None:  # token (R,): drawn from self.logprobs
+        picked = self.logprobs.gather(1, token[:, None])[:, 0]  # (R,)
+        self.total += torch.where(self.done, torch.zeros_like(picked), picked)
+        self.done |= token == self.eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logprobs is None:
+            self.total = torch.zeros(scores.shape[0], device=scores.device)
+            self.done = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+        else:
+            self._count(input_ids[:, -1])
+        self.logprobs = torch.log_softmax(scores.float(), dim=-1)  # (R, V)
+        return scores
+
+    def finish(self, last_token: torch.Tensor) -> torch.Tensor:
+        self._count(last_token)
+        return self.total.cpu()
 
 
 def decode_completion(tokenizer, ids: list[int]) -> str:

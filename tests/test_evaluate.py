@@ -171,3 +171,27 @@ def test_evaluate_policy_accepts_string_pairs(models, tok, prompts, pairs):
     out = evaluate_policy(models[1], ref, tok, prompts, pairs, beta=0.1, n_samples=1, max_new_tokens=4)
     by_hand = implicit_reward_accuracy(models[1], ref, _tokenize_pairs(pairs, tok), beta=0.1)
     assert out["accuracy"] == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("batch_size", [256, 5])
+def test_sampled_logps_equal_a_second_forward(models, tok, prompts, batch_size):
+    """generate_completion_ids(return_logps=True) reads log pi of each sample from the logits that drew it; it
+    must equal scoring the same tokens again, for rows that stop at EOS and rows cut at max_new_tokens."""
+    from minidpo.world import generate_completion_ids
+
+    sharp = models[0]  # near uniform: over 30 tokens some rows draw EOS, others run to the limit
+    prompt_ids, completion_ids, logps = generate_completion_ids(sharp, tok, prompts, k=4, max_new_tokens=30,
+                                                                seed=1, batch_size=batch_size, return_logps=True)
+    assert completion_ids == generate_completion_ids(sharp, tok, prompts, k=4, max_new_tokens=30, seed=1,
+                                                     batch_size=batch_size)[1]  # the same samples
+    flat_prompts = [p for p, per in zip(prompt_ids, completion_ids) for _ in per]
+    flat = [c for per in completion_ids for c in per]
+    ended = [c[-1] == tok.eos_token_id for c in flat]
+    assert any(ended) and not all(ended)
+    read = torch.tensor([v for per in logps for v in per])
+    scored = score_completions(sharp, flat_prompts, flat)
+    assert torch.allclose(read, scored, atol=1e-4)
+    # negative control: the same samples scored by another model are far from what sampling read
+    assert (read - score_completions(models[1], flat_prompts, flat)).abs().max() > 0.1
+    with pytest.raises(ValueError, match="temperature 1"):
+        generate_completion_ids(sharp, tok, prompts, k=1, temperature=0.7, return_logps=True)
