@@ -163,25 +163,33 @@ def sample(params: dict[str, torch.Tensor], config, prompt_ids: Sequence[Sequenc
         logits = forward(params, config, ids, positions, key_mask, cache, 0)[:, :, -1]
         position = positions[..., -1]  # (n_copies, R)
         done = torch.zeros(S, R, dtype=torch.bool, device=device)
-        new = torch.empty(S, R, max_new_tokens, dtype=torch.long, device=device)
+        new = torch.full((S, R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        running = torch.arange(R, device=device)  # the chunk's rows still computed (a row that ended is dropped)
         for t in range(max_new_tokens):
-            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n_copies, R, V)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n_copies, R', V)
             # argmax of p / E with E ~ Exp(1) is an exact sample of p (the Gumbel-max trick); it is also what
-            # torch.multinomial does, so a copy's samples are those generate() draws from the same seed
+            # torch.multinomial does, so a copy's samples are those generate() draws from the same seed. The noise
+            # is drawn for every row of the chunk, running or not, so a row's draws do not depend on the others.
             noise = torch.stack([torch.empty(R, logits.shape[-1], device=device).exponential_(generator=g)
-                                 for g in generators])  # (S, R, V)
-            token = (logprobs[:S].exp() / noise).argmax(-1)  # (S, R)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            new[:, :, t] = token
-            live = (~done).float()
-            logp[:, start:start + R] += live.cpu() * logprobs[:S].gather(-1, token[..., None])[..., 0].cpu()
+                                 for g in generators])[:, running]  # (S, R', V)
+            was_done = done[:, running]  # (S, R')
+            token = (logprobs[:S].exp() / noise).argmax(-1)  # (S, R')
+            token = torch.where(was_done, torch.full_like(token, pad_token_id), token)
+            new[:, running, t] = token
+            live = (~was_done).float().cpu()
+            columns = start + running.cpu()
+            logp[:, columns] += live * logprobs[:S].gather(-1, token[..., None])[..., 0].cpu()
             if reference is not None:
-                ref_logp[:, start:start + R] += live.cpu() * logprobs[S:].gather(-1, token[..., None])[..., 0].cpu()
-            done = done | (token == eos_token_id)
+                ref_logp[:, columns] += live * logprobs[S:].gather(-1, token[..., None])[..., 0].cpu()
+            done[:, running] = was_done | (token == eos_token_id)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
+            keep = ~done[:, running].all(0)  # (R',): rows some copy is still writing
+            if int(keep.sum()) < 0.8 * len(running):  # drop ended rows from the batch and the cache
+                running, token, position, key_mask = running[keep], token[:, keep], position[:, keep], key_mask[:, keep]
+                cache = [(keys[:, keep], values[:, keep]) for keys, values in cache]
             position = position + 1
-            feed = token if reference is None else torch.cat([token, token])  # (n_copies, R)
+            feed = token if reference is None else torch.cat([token, token])  # (n_copies, R')
             logits = forward(params, config, feed[..., None], position[..., None], key_mask, cache, P + t)[:, :, -1]
         steps = t + 1
         new = new[:, :, :steps].tolist()

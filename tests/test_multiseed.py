@@ -299,3 +299,27 @@ def test_train_and_evaluate_seeds_rows_and_one_end_measurement(tiny_world, monke
     assert rows[0]["history"][-1]["loss"] != rows[1]["history"][-1]["loss"]  # the seeds trained differently
     with pytest.raises(ValueError, match="max_steps"):
         experiment.train_and_evaluate_seeds(tiny_world, _cfg(max_steps=None, epochs=1), [0], path_every=2, log=quiet)
+
+
+def test_sample_drops_ended_rows_without_changing_the_draws(tiny_world):
+    """Rows that ended leave the batch (and the cache) while the others go on; the noise is still drawn for
+    every row, so the samples are generate()'s from the same seed, row for row."""
+    from minidpo import multiseed
+    from minidpo.world import generate_completion_ids
+
+    tok, model = tiny_world.tokenizer, fresh_model(tiny_world.tokenizer, seed=3)
+    with torch.no_grad():  # raise EOS's logit (the lm_head is tied to wte), so rows end at different steps
+        eos = model.transformer.wte.weight[tok.eos_token_id]
+        model.transformer.ln_f.bias += 3.0 * eos / eos.norm() ** 2
+    prompts = list(tiny_world.heldout_prompts[:12])
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    drawn, _, _ = multiseed.sample(multiseed.stack([model]), model.config, prompt_ids, 4, [5], tok.eos_token_id,
+                                   tok.pad_token_id, max_new_tokens=40)
+    ended = [c[-1] == tok.eos_token_id and len(c) < 30 for per in drawn[0] for c in per]
+    assert sum(ended) > 0.25 * len(ended)  # rows left the batch well before the end: the dropping was exercised
+    _, expected = generate_completion_ids(model, tok, prompts, k=4, max_new_tokens=40, seed=5, batch_size=48)
+    assert drawn[0] == expected
+    # negative control: another seed draws other completions, so the comparison can fail
+    other, _, _ = multiseed.sample(multiseed.stack([model]), model.config, prompt_ids, 4, [6], tok.eos_token_id,
+                                   tok.pad_token_id, max_new_tokens=40)
+    assert other[0] != expected
