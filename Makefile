@@ -30,17 +30,21 @@ demo: $(VENV)/.installed
 
 # Two workers (pytest-xdist): the course's models run on one thread each, so two cores run two notebooks at once.
 # --dist loadfile keeps each notebook's cells on one worker, in order. JOBS=1 runs everything in one process.
-# The longest notebooks go first, so neither worker is left with a long one at the end (xdist hands each worker
-# two files to start with, then the next file to whichever worker is free).
+# The notebooks share one cached world (notebooks/.cache): it is built first (~15 s), not inside whichever notebook
+# comes first while the other waits. Order (--no-loadscope-reorder keeps it): xdist hands each worker two notebooks,
+# then the next to whichever is free; 06 runs beside the short ones (a second heavy notebook on the other core
+# slows it by ~15%: they share the memory bus), and the rest are longest first.
 JOBS ?= 2
-NB_FIRST  := $(addprefix notebooks/,06_variants_side_by_side.ipynb 05_tiny_dpo_run_and_frontier.ipynb \
-             04_preference_displacement.ipynb 06b_length_loving_labeller.ipynb 08_online_vs_offline.ipynb \
-             06c_label_noise.ipynb 07_claims_checked.ipynb)
+NB_FIRST  := $(addprefix notebooks/,06_variants_side_by_side.ipynb 07_claims_checked.ipynb \
+             05_tiny_dpo_run_and_frontier.ipynb 01_rlhf_objective_to_optimal_policy.ipynb \
+             02_bradley_terry_to_dpo_loss.ipynb 03_dpo_gradient.ipynb 04_preference_displacement.ipynb \
+             06b_length_loving_labeller.ipynb 08_online_vs_offline.ipynb 06c_label_noise.ipynb)
 NOTEBOOKS := $(foreach f,$(NB_FIRST),$(filter $(f),$(wildcard notebooks/*.ipynb))) \
              $(filter-out $(NB_FIRST),$(sort $(wildcard notebooks/*.ipynb)))
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests
-	$(if $(strip $(NOTEBOOKS)),$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax \
+	cd notebooks && ../$(BIN)/python -c "from minidpo import experiment; experiment.build_world(show_progress=False)"
+	$(if $(strip $(NOTEBOOKS)),$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider --durations=10 $(NOTEBOOKS))
 
 test-fast: $(VENV)/.installed

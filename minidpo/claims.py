@@ -145,7 +145,7 @@ CLAIMS: tuple[Claim, ...] = (
        "07 §1.3", "sympy + exact world"),
     _c("C19", [(ENC, "avoid the problematic regime where $\\sigma(\\cdot) \\to 1$")], "The IPO loss (h - 1/(2 beta))^2 avoids the regime where the gradient vanishes",
        ONLY_IF, "the formula is right; the motivation is DPO's infinite optimum under deterministic labels",
-       "07 §1.3; 06 §7", "torch + sympy"),
+       "07 §1.3; 06c §5", "torch + sympy"),
     _c("C20", [(GLO, "IPO (Identity Policy Optimization): A variant that adds a regularization term")],
        "IPO is 'Identity Policy Optimization' and adds a regularisation term", WRONG,
        "Identity PREFERENCE Optimisation; it replaces the logistic loss by a squared one", "07 §1.3", "citation"),
