@@ -269,8 +269,8 @@ def _packed_inputs(batches: list[dict], device) -> tuple[list[torch.Tensor], dic
 
     Returns: ``ids``, per seed the (2B, T_i) input ids ``concatenated_forward`` builds (``_Logits`` matches on
     them); ``packed``, {"input_ids": (S, R, L), "position_ids": (S, R, L), "attention_mask": (S, R, 1, L, L)},
-    the mask additive as eager attention adds it (built outside vmap: the model's own mask code branches on
-    values); ``index`` (S, 2B, T) into the flattened (R * L) packed positions, T = max T_i.
+    the mask additive (0 where a query may look, a large negative number elsewhere); ``index`` (S, 2B, T) into
+    the flattened (R * L) packed positions, T = max T_i.
     """
     ids = [_cat_padded(b["chosen_input_ids"], b["rejected_input_ids"], 0) for b in batches]  # (2B, T_i)
     masks = [_cat_padded(b["chosen_attention_mask"], b["rejected_attention_mask"], 0) for b in batches]
@@ -339,7 +339,7 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
     Seed i draws its data order from ``seeds[i]`` (``train._batch_order``) and trains on ``pairs_per_seed[i]``
     (default: the world's pairs; ``relabel(world, s)`` gives each seed its own labels). The copies' weights are
     stacked along a new first axis (``torch.func.stack_module_state``) and the model runs once on all of them
-    (``torch.func.vmap`` over ``functional_call``), each copy on its own batch. The loss is the sum of the
+    (``multiseed.forward``), each copy on its own batch, packed (``_packed_inputs``). The loss is the sum of the
     copies' losses, so each copy's gradient is its own. AdamW is element-wise, so one AdamW over the stacked
     weights is S independent AdamWs; gradient clipping is per copy (its own norm), as in ``train_dpo``.
 
@@ -355,7 +355,9 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
     about S times one in arithmetic; what batching saves is the per-step overhead, which on a GPU is most of
     a step (benchmarks/bench_seeds.py measures it).
     """
-    from torch.func import functional_call, stack_module_state, vmap
+    from torch.func import stack_module_state
+
+    from . import multiseed
 
     cfg = cfg or DPOConfig()
     cfg.validate()
@@ -397,24 +399,25 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
                          f"{sorted({d.total_steps for d in data})}; set max_steps or give them equally many pairs")
     total_steps = data[0].total_steps
 
-    # One skeleton module runs every copy; the copies' weights live in ``params`` only, stacked (S, ...).
-    skeleton = copy.deepcopy(reference)
+    # The copies' weights live in ``params`` only, stacked (S, ...); multiseed.forward runs all of them at once
+    # (GPT-2 written out on stacked weights: one batched matmul per layer for all copies, attention over every
+    # copy's packed rows in one scaled_dot_product_attention; measured 13-16% faster than vmap over transformers'
+    # module). It has no dropout: a model that keeps dropout is trained one seed at a time by run_dpo.
+    model = copy.deepcopy(reference)
     if cfg.disable_dropout:
-        disable_dropout(skeleton)
-    # With every dropout at 0, eval mode computes the same and skips GPT-2's dropout calls (seven in the course's
-    # two layers: measured 7-10% of a five-seed step); a model that keeps dropout trains in train mode.
-    skeleton.train(any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in skeleton.modules()))
-    # Eager attention: its matmuls and softmax batch under vmap; SDPA's CPU kernel has no batching rule and
-    # vmap would loop over the copies one by one.
-    skeleton.set_attn_implementation("eager")
+        disable_dropout(model)
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise ValueError("run_dpo_seeds trains with dropout off (DPOConfig.disable_dropout=True); "
+                         "with dropout, train the seeds one at a time with run_dpo")
+    multiseed.stack([model])  # a clear error for a model multiseed cannot run (only GPT-2)
+    config = reference.config
     params, _ = stack_module_state([reference] * S)  # {name: (S, *shape)}, fresh leaves that require grad
-    buffers = {k: v for k, v in skeleton.named_buffers()}  # shared, not stacked: the copies never change them
 
-    def one_copy(p, packed):  # packed: one copy's rows (R, L), as _packed_inputs lays them out
-        return functional_call(skeleton, (p, buffers), (), packed).logits  # (R, L, V)
+    def batched(packed, index):  # every copy on its own packed rows, logits put back where concatenated_forward has them
+        logits = multiseed.forward(params, config, packed["input_ids"], packed["position_ids"], None,
+                                   attention_bias=packed["attention_mask"])  # (S, R, L, V)
+        return _unpack(logits, index)  # (S, 2B, T, V)
 
-    def batched(packed, index):  # every copy on its own rows, the logits put back where concatenated_forward has them
-        return _unpack(vmap(one_copy)(params, packed), index)  # (S, 2B, T, V)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
                               num_training_steps=total_steps)
@@ -443,7 +446,7 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
             evaluations[i].append({"step": at_step, **(row or {})})
 
     threads_before = torch.get_num_threads()
-    with small_model_threads(skeleton) if threads is None else contextlib.nullcontext():
+    with small_model_threads(model) if threads is None else contextlib.nullcontext():
         if threads is not None:
             torch.set_num_threads(int(threads))
         if callback is not None:

@@ -7,7 +7,8 @@ copies' weights are stacked along a first axis S and one forward pass runs all o
 
     stack(models)                        {name: (S, ...)} from GPT2LMHeadModel copies of one architecture
     forward(params, config, ids, ...)    GPT-2's forward (Radford et al. 2019) written out on stacked weights,
-                                         with a key/value cache: logits (S, R, T, V)
+                                         with a key/value cache: logits (S, R, T, V); with an attention bias
+                                         instead, on packed rows: how experiment.run_dpo_seeds trains
     sample(params, config, ...)          k completions per prompt from every copy, at temperature 1, and the
                                          log-probs of the sampled tokens under every copy and under pi_ref
 
@@ -53,7 +54,8 @@ def _linear(x, weight, bias):  # Conv1D: x (S, R, T, I) @ weight (S, I, O) + bia
 
 
 def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, positions: torch.Tensor,
-            key_mask: torch.Tensor, cache: list | None = None, cache_len: int = 0) -> torch.Tensor:
+            key_mask: torch.Tensor | None, cache: list | None = None, cache_len: int = 0,
+            attention_bias: torch.Tensor | None = None) -> torch.Tensor:
     """GPT-2 on stacked weights: logits (S, R, T, V) for input_ids (S, R, T) at ``positions`` (R, T).
 
     ``key_mask`` (R, cache_len + T) is True where a key may be attended to (not padding); attention is causal
@@ -61,6 +63,11 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
     own layout (copies fed different prompts). ``cache``: per layer a (keys, values) pair of
     (S, R, H, T_max, D) buffers, filled at [cache_len, cache_len + T) and read up to there (None: no cache,
     T is the whole sequence).
+
+    ``attention_bias`` (S, R, 1, T, T), instead of ``key_mask`` and without a cache: the additive mask of rows
+    whose tokens see only some earlier tokens (``experiment._packed_inputs``: several sequences in one row).
+    Attention then runs in ``scaled_dot_product_attention`` over all copies' rows at once (attention has no
+    weights, so the copies need not be told apart); this is how ``run_dpo_seeds`` trains its copies.
     """
     S, R, T = input_ids.shape
     H, eps = config.n_head, config.layer_norm_epsilon
@@ -70,15 +77,22 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
     C = wte.shape[-1]
     D = C // H
     h = torch.gather(wte, 1, input_ids.reshape(S, R * T, 1).expand(-1, -1, C)).reshape(S, R, T, C)
-    positions, key_mask = positions.expand(S, R, T), key_mask.expand(S, R, key_mask.shape[-1])  # per copy
+    positions = positions.expand(S, R, T)  # per copy
     h = h + torch.gather(p["transformer.wpe.weight"], 1, positions.reshape(S, R * T, 1).expand(-1, -1, C)
                          ).reshape(S, R, T, C)  # (S, R, T, C)
-    total = cache_len + T
-    causal = torch.ones(T, total, dtype=torch.bool, device=h.device).tril(cache_len)  # (T, total)
-    allowed = causal & key_mask[:, :, None, :total]  # (S, R, T, total)
-    # a large negative number, not -inf: a left-padding query sees no key at all, and -inf would give NaN
-    # there, which 0-weighted keys would still carry into later rows (0 * NaN); GPT-2's own code does the same
-    bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, torch.finfo(h.dtype).min)
+    if attention_bias is not None:
+        if cache is not None:
+            raise ValueError("multiseed.forward: attention_bias is for whole rows, without a cache")
+        flat_bias = attention_bias.expand(S, R, 1, T, T).reshape(S * R, 1, T, T).to(h.dtype)
+    else:
+        key_mask = key_mask.expand(S, R, key_mask.shape[-1])
+        total = cache_len + T
+        causal = torch.ones(T, total, dtype=torch.bool, device=h.device).tril(cache_len)  # (T, total)
+        allowed = causal & key_mask[:, :, None, :total]  # (S, R, T, total)
+        # a large negative number, not -inf: a left-padding query sees no key at all, and -inf would give NaN
+        # there, which 0-weighted keys would still carry into later rows (0 * NaN); GPT-2's own code does the same
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(h.dtype).min)
     for i in range(config.n_layer):
         pre = f"transformer.h.{i}."
         a = _layer_norm(h, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
@@ -88,7 +102,11 @@ def forward(params: dict[str, torch.Tensor], config, input_ids: torch.Tensor, po
             cache[i][0][:, :, :, cache_len:total] = k
             cache[i][1][:, :, :, cache_len:total] = v
             k, v = cache[i][0][:, :, :, :total], cache[i][1][:, :, :, :total]  # (S, R, H, total, D)
-        if T == 1:  # one new token: products and sums beat a batch of (1 x D) @ (D x total) matmuls
+        if attention_bias is not None:
+            out = F.scaled_dot_product_attention(q.reshape(S * R, H, T, D), k.reshape(S * R, H, T, D),
+                                                 v.reshape(S * R, H, T, D), attn_mask=flat_bias)  # (S*R, H, T, D)
+            out = out.reshape(S, R, H, T, D)
+        elif T == 1:  # one new token: products and sums beat a batch of (1 x D) @ (D x total) matmuls
             scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) / math.sqrt(D) + bias[:, :, None]
             out = (torch.softmax(scores, dim=-1).transpose(-1, -2) * v).sum(-2, keepdim=True)  # (S, R, H, 1, D)
         else:

@@ -57,10 +57,10 @@ def test_run_dpo_seeds_equals_separate_runs(tiny_world, change):
         assert len(run.history) == len(alone.history) == cfg.max_steps
         for a, b in zip(run.history, alone.history):
             assert a["step"] == b["step"] and a["learning_rate"] == pytest.approx(b["learning_rate"], abs=1e-12)
-            # float32 sums in another order (a batched matmul): equal to ~1e-5 relative, no closer
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (seed, a["step"])
+            # float32 sums in another order (GPT-2 written out on stacked weights, packed rows): ~1e-5 relative
+            assert a["loss"] == pytest.approx(b["loss"], rel=3e-5, abs=1e-6), (seed, a["step"])
             for key in ("logps/chosen", "logps/rejected"):
-                assert a[key] == pytest.approx(b[key], rel=1e-5), (seed, a["step"], key)
+                assert a[key] == pytest.approx(b[key], rel=3e-5), (seed, a["step"], key)
         # Adam divides by sqrt(v), so float32 rounding in a gradient near 0 moves a weight by up to ~lr * 1e-2:
         # ~1e-5 after 10 steps at lr 3e-3, against ~1.5e-2 moved in all and > 1e-3 between seeds (below)
         assert _max_weight_gap(run.model, alone.model) < 3e-5
@@ -230,9 +230,9 @@ def test_sample_with_each_copy_on_its_own_prompts(tiny_world):
 
 
 def _packed_logits(model, batches, leak: bool = False):
-    """run_dpo_seeds' forward on packed rows (optionally with a mask that lets the rejected side see the chosen
-    side: the negative control), gathered back into the unpacked layout: (S, 2B, T, V)."""
-    from torch.func import functional_call, stack_module_state, vmap
+    """run_dpo_seeds' forward (multiseed.forward on packed rows; optionally with a mask that lets the rejected side
+    see the chosen side: the negative control), gathered back into the unpacked layout: (S, 2B, T, V)."""
+    from minidpo import multiseed
 
     ids, packed, index = experiment._packed_inputs(batches, "cpu")
     if leak:  # every earlier token of the row visible, as if chosen and rejected were one sequence
@@ -240,11 +240,8 @@ def _packed_logits(model, batches, leak: bool = False):
         packed["attention_mask"] = torch.zeros(L, L).masked_fill_(~torch.ones(L, L, dtype=torch.bool).tril(),
                                                                   torch.finfo(torch.float32).min
                                                                   ).expand_as(packed["attention_mask"])
-    skeleton = model.__class__(model.config).eval()
-    skeleton.set_attn_implementation("eager")
-    params, _ = stack_module_state([model] * len(batches))
-    buffers = dict(skeleton.named_buffers())
-    logits = vmap(lambda p, x: functional_call(skeleton, (p, buffers), (), x).logits)(params, packed)
+    logits = multiseed.forward(multiseed.stack([model] * len(batches)), model.config, packed["input_ids"],
+                               packed["position_ids"], None, attention_bias=packed["attention_mask"])
     return ids, experiment._unpack(logits, index), packed
 
 
