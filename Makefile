@@ -30,8 +30,8 @@ demo: $(VENV)/.installed
 
 # Two workers (pytest-xdist): the course's models run on one thread each, so two cores run two notebooks at once.
 # --dist loadfile keeps each notebook's cells on one worker, in order. JOBS=1 runs everything in one process.
-# The notebooks share one cached world (notebooks/.cache): it is built first (~15 s), not inside whichever notebook
-# comes first while the other waits. Order (--no-loadscope-reorder keeps it): xdist hands each worker two notebooks,
+# The notebooks share one cached world (notebooks/.cache): it is built first (~15 s, with the pool of pi_ref's samples
+# that notebook 05's best-of-n reads, ~25 s), not inside whichever notebook comes first while the other waits. Order (--no-loadscope-reorder keeps it): xdist hands each worker two notebooks,
 # then the next to whichever is free; 06 runs beside the short ones (a second heavy notebook on the other core
 # slows it by ~15%: they share the memory bus), and the rest are longest first.
 JOBS ?= 2
@@ -43,7 +43,7 @@ NOTEBOOKS := $(foreach f,$(NB_FIRST),$(filter $(f),$(wildcard notebooks/*.ipynb)
              $(filter-out $(NB_FIRST),$(sort $(wildcard notebooks/*.ipynb)))
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests
-	cd notebooks && ../$(BIN)/python -c "from minidpo import experiment; experiment.build_world(show_progress=False)"
+	cd notebooks && ../$(BIN)/python -c "from minidpo import experiment as e; e.reference_samples(e.build_world(show_progress=False), 256)"
 	$(if $(strip $(NOTEBOOKS)),$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider --durations=10 $(NOTEBOOKS))
 

@@ -129,11 +129,42 @@ def sequence_kl(policy, reference, tokenizer, prompts: Sequence[str], n_samples:
     both models: π's log-probs are read from the logits that drew the samples, π_ref's in one forward. Returns (mean, standard error over all samples). Each term can be negative; the mean
     converges to the KL, which is >= 0. A model against itself gives exactly 0.
     """
-    prompt_ids, completion_ids, logps = world.generate_completion_ids(
-        policy, tokenizer, list(prompts), k=n_samples, max_new_tokens=max_new_tokens, temperature=1.0,
-        seed=seed, batch_size=batch_size, return_logps=True)
-    terms = _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, _pad_id(tokenizer), logps)
+    _, _, terms = _sample_with_kl_terms(policy, reference, tokenizer, list(prompts), n_samples, seed,
+                                        max_new_tokens, batch_size)
     return mean_and_se(terms)
+
+
+def _sample_with_kl_terms(policy, reference, tokenizer, prompts, k, seed, max_new_tokens, batch_size):
+    """`k` samples of π per prompt and, per sample, log π(y|x) − log π_ref(y|x): (prompt_ids, completion_ids,
+    terms). Two GPT-2s that `multiseed` can run (the course's world) take one pass that draws the samples and
+    scores them under both (`multiseed.sample`: the draws generate() makes from the same seed and batches, with
+    rows that ended dropped from the batch); other models sample with generate(), which reads π's log-probs,
+    and π_ref scores the samples in one forward."""
+    from . import multiseed
+
+    stacked = None
+    if policy is not reference:
+        try:
+            stacked = multiseed.stack([policy]), multiseed.stack([reference])
+        except ValueError:  # not a GPT-2 that multiseed runs
+            pass
+        if stacked and any(v.shape != stacked[1][n].shape or v.device != stacked[1][n].device
+                           for n, v in stacked[0].items()):
+            stacked = None
+    if stacked is None:
+        prompt_ids, completion_ids, logps = world.generate_completion_ids(
+            policy, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+            batch_size=batch_size, return_logps=True)
+        return prompt_ids, completion_ids, _kl_terms(policy, reference, prompt_ids, completion_ids, batch_size,
+                                                     _pad_id(tokenizer), logps)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; generation would never stop")
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completions, logp, ref_logp = multiseed.sample(stacked[0], policy.config, prompt_ids, k, [seed],
+                                                   tokenizer.eos_token_id, _pad_id(tokenizer),
+                                                   max_new_tokens=max_new_tokens, reference=stacked[1],
+                                                   batch_size=batch_size)
+    return prompt_ids, completions[0], (logp[0] - ref_logp[0]).tolist()
 
 
 def _pad_id(tokenizer) -> int:
@@ -262,15 +293,14 @@ def evaluate_policy(policy, reference, tokenizer, heldout_prompts: Sequence[str]
     prompts = list(heldout_prompts)
     if not prompts:
         raise ValueError("evaluate_policy: got no held-out prompts")
-    prompt_ids, completion_ids, policy_logps = world.generate_completion_ids(
-        policy, tokenizer, prompts, k=n_samples, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
-        batch_size=batch_size, return_logps=True)
+    prompt_ids, completion_ids, kl_terms = _sample_with_kl_terms(policy, reference, tokenizer, prompts, n_samples,
+                                                                 seed, max_new_tokens, batch_size)
     texts = [[world.decode_completion(tokenizer, ids) for ids in per] for per in completion_ids]
     flat = [(p, c) for p, per in zip(prompts, texts) for c in per]
     rewards = [reward_fn(c) for _, c in flat]
     reward_mean, reward_se = mean_and_se(rewards)
     pad = _pad_id(tokenizer)
-    kl, kl_se = mean_and_se(_kl_terms(policy, reference, prompt_ids, completion_ids, batch_size, pad, policy_logps))
+    kl, kl_se = mean_and_se(kl_terms)
 
     accuracy = None
     if heldout_pairs is not None and len(heldout_pairs) > 0:

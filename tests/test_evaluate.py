@@ -195,3 +195,26 @@ def test_sampled_logps_equal_a_second_forward(models, tok, prompts, batch_size):
     assert (read - score_completions(models[1], flat_prompts, flat)).abs().max() > 0.1
     with pytest.raises(ValueError, match="temperature 1"):
         generate_completion_ids(sharp, tok, prompts, k=1, temperature=0.7, return_logps=True)
+
+
+def test_evaluate_policy_gpt2_path_equals_the_generate_path(models, tok, prompts, monkeypatch):
+    """GPT-2s are sampled and scored in one multiseed pass; any other model by generate() and a forward of pi_ref.
+    Both must give the same samples and the same KL (here the GPT-2 is forced down the general path)."""
+    from minidpo import multiseed
+
+    sharp = copy.deepcopy(models[1])
+    with torch.no_grad():
+        sharp.transformer.wte.weight.mul_(5)
+    fast = evaluate_policy(sharp, models[0], tok, prompts, None, n_samples=3, max_new_tokens=10, seed=2, batch_size=7)
+
+    def refuse(models_):
+        raise ValueError("not a GPT-2 multiseed runs")
+
+    monkeypatch.setattr(multiseed, "stack", refuse)
+    general = evaluate_policy(sharp, models[0], tok, prompts, None, n_samples=3, max_new_tokens=10, seed=2,
+                              batch_size=7)
+    assert fast["completions"] == general["completions"] and fast["rewards"] == general["rewards"]
+    assert fast["kl"] == pytest.approx(general["kl"], abs=1e-4) and fast["kl"] > 0.1
+    # negative control: another sampling seed draws other completions
+    assert evaluate_policy(sharp, models[0], tok, prompts, None, n_samples=3, max_new_tokens=10, seed=3,
+                           batch_size=7)["completions"] != general["completions"]
