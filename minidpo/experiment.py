@@ -520,8 +520,8 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
 def evaluate_seeds(world: World, policies, beta: float, seeds, n_samples: int = 1, reward_fn=None,
                    max_new_tokens: int = 24, n_show: int = 4, heldout_pairs=None) -> list[dict]:
     """``evaluate`` for several policies at once (the seeds of one experiment): one sampling loop and one
-    scoring pass run all of them together (``multiseed``), which on the CPU costs about what one policy
-    costs with ``generate``.
+    scoring pass run all of them together (``multiseed``). On the CPU that costs about what evaluating them one
+    by one costs (the arithmetic is the same); on a GPU it is one loop instead of S.
 
     Policy s samples ``n_samples`` completions per held-out prompt with its own ``seeds[s]`` (the seed axis
     varies evaluation sampling too). Per policy, as ``evaluate.evaluate_policy`` defines them: reward,
