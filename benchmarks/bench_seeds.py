@@ -2,18 +2,21 @@
 
     .venv/bin/python benchmarks/bench_seeds.py [--repeats 3] [--seeds 5] [--threads 2]
 
-Measured 2026-12-01 on 2 cores (AMD EPYC, AVX2), nothing else running (load 0.7-1.2), median of 3:
-  1 seed   run_dpo 3.46 s (the course's plain loop: 1.00x); run_dpo_seeds([0]) 3.08 s (0.89x)
-  5 seeds  run_dpo_seeds, 1 thread 11.42 s (3.30x); on 2 threads 8.42 s (2.44x); 5 x run_dpo 16.26 s (4.70x)
-  1 seed   run_dpo_seeds([0]) on 2 threads 2.94 s (0.85x): so on both cores 5 seeds cost 2.86x one seed on both
-  Before packing (the same day, load 1.2-1.9): 5 seeds 15.2 s against 3.42 s, 4.4x.
-  The target (5 seeds <= 2.5x one) is met on the 2 cores a user has (2.44x the course's one-seed run), not on
-  one thread (3.30x): one forward+backward on 5x the rows costs ~3.6x on one core (compute-bound), so what
-  batching saves there is the per-step overhead and the padding; on a GPU the overhead is most of a step.
-  What made 5 seeds cheaper: each pair's prompt runs once for chosen and rejected, and pairs are packed into
-  64-token rows (experiment._packed_inputs: 0.57x the token positions of the padded layout, 11.4 s instead of 15.2 s).
-  On 2 threads the 5-seed step is 1.36x faster; with any other job on the machine it is far slower (243 s
-  measured under load 3.6-6.5: the second thread spin-waits), which is why the course runs on one thread.
+Measured 2026-12-01 on 2 cores (AMD EPYC, AVX2), nothing else running (load 0.5-1.5), median of 3, two runs:
+  1 seed   run_dpo 3.46 / 3.48 s (the course's plain loop: 1.00x); run_dpo_seeds([0]) 3.20 / 2.97 s
+  5 seeds  run_dpo_seeds, 1 thread 10.83 / 12.18 s (3.13x / 3.50x); on 2 threads 9.01 / 8.82 s (2.60x / 2.53x);
+           5 x run_dpo 18.17 / 18.30 s (5.25x / 5.26x)
+  1 seed   run_dpo_seeds([0]) on 2 threads 2.59 / 2.58 s: on both cores 5 seeds cost 3.4-3.5x one seed on both
+  Before this work (the same day): 5 seeds 15.2 s against 3.42 s for one, 4.4x.
+  So the target (5 seeds <= 2.5x one) is reached on the 2 cores a user has only at its edge (2.53x, 2.60x), and
+  not on one thread (3.1-3.5x): one forward+backward on 5x the rows costs 3.6-4.7x one on one core (this CPU is
+  compute-bound for the course's model), so batching saves the per-step overhead, the padding and the prompts
+  run twice, not the arithmetic. On a GPU the overhead is most of a step.
+  What made 5 seeds cheaper: each pair's prompt runs once for chosen and rejected, pairs are packed into 64-token
+  rows (experiment._packed_inputs: 0.57x the token positions of the padded layout), the copies run as GPT-2
+  written out on stacked weights (multiseed.forward: one batched matmul per layer, attention in one
+  scaled_dot_product_attention) and dropout calls at p = 0 are skipped. With any other job on the machine a
+  second thread is far slower (243 s measured under load 3.6-6.5: it spin-waits), so the course runs on one.
 
 The job is notebook 04/05's DPO run on the course's world (experiment.build_world, cached): DPOConfig(beta=0.1,
 epochs=2), 124 steps of 16 pairs, reference log-probs from the disk cache (warm: the first call fills it). Timed:

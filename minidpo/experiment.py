@@ -350,7 +350,7 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
     is fixed); no output_dir, resume or DDP: for those, ``run_dpo`` one seed at a time.
 
     ``threads``: intra-op threads for the run (default: one, as ``small_model_threads`` gives every small
-    model; on a 2-core CPU with nothing else running, 2 make the batched step ~1.6x faster, and far slower as
+    model; on a 2-core CPU with nothing else running, 2 make the batched step 1.2-1.4x faster, and far slower as
     soon as anything else runs). On the CPU a step of the course's model is compute-bound, so S copies cost
     about S times one in arithmetic; what batching saves is the per-step overhead, which on a GPU is most of
     a step (benchmarks/bench_seeds.py measures it).
