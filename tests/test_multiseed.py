@@ -320,3 +320,19 @@ def test_sample_drops_ended_rows_without_changing_the_draws(tiny_world):
     other, _, _ = multiseed.sample(multiseed.stack([model]), model.config, prompt_ids, 4, [6], tok.eos_token_id,
                                    tok.pad_token_id, max_new_tokens=40)
     assert other[0] != expected
+
+
+def test_run_dpo_seeds_refuses_dropout_it_cannot_apply(tiny_world):
+    """The stacked forward has no dropout: a model that keeps it (disable_dropout=False) gets a clear error, while
+    the same model with dropout switched off (the default, as TRL) trains."""
+    import copy as copy_
+
+    reference = copy_.deepcopy(tiny_world.reference)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    world = replace(tiny_world, reference=reference)
+    with pytest.raises(ValueError, match="dropout"):
+        experiment.run_dpo_seeds(world, _cfg(max_steps=1, disable_dropout=False), [0, 1], log=quiet)
+    runs = experiment.run_dpo_seeds(world, _cfg(max_steps=1), [0, 1], log=quiet)
+    assert runs[0].history[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # pi = pi_ref at step 1, dropout off
