@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from . import evaluate as ev
 from . import world as w
-from .models import disable_dropout, load_causal_lm, pick_device, tiny_gpt2
+from .models import load_causal_lm, pick_device, tiny_gpt2
 from .tokenizer import load_tokenizer, train_tokenizer
 from . import train
 from .logps import _cat_padded
@@ -370,6 +370,11 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
         raise ValueError("run_dpo_seeds: fp16 needs a loss scaler per seed; use bf16 or fp32")
     if isinstance(callback, (list, tuple)) and len(callback) != len(seeds):
         raise ValueError(f"run_dpo_seeds: {len(callback)} callbacks for {len(seeds)} seeds")
+    keeps_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in world.reference.modules())
+    if keeps_dropout and not cfg.disable_dropout:
+        raise ValueError("run_dpo_seeds trains with dropout off (DPOConfig.disable_dropout=True); "
+                         "with dropout, train the seeds one at a time with run_dpo")
+    multiseed.stack([world.reference])  # a clear error for a model multiseed cannot run (only GPT-2)
     device = pick_device(cfg.device)
     S, B = len(seeds), cfg.batch_size
     tokenizer = world.tokenizer
@@ -402,14 +407,7 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
     # The copies' weights live in ``params`` only, stacked (S, ...); multiseed.forward runs all of them at once
     # (GPT-2 written out on stacked weights: one batched matmul per layer for all copies, attention over every
     # copy's packed rows in one scaled_dot_product_attention; measured 13-16% faster than vmap over transformers'
-    # module). It has no dropout: a model that keeps dropout is trained one seed at a time by run_dpo.
-    model = copy.deepcopy(reference)
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        raise ValueError("run_dpo_seeds trains with dropout off (DPOConfig.disable_dropout=True); "
-                         "with dropout, train the seeds one at a time with run_dpo")
-    multiseed.stack([model])  # a clear error for a model multiseed cannot run (only GPT-2)
+    # module). It has no dropout (a model that keeps dropout is refused above: run_dpo trains it one seed at a time).
     config = reference.config
     params, _ = stack_module_state([reference] * S)  # {name: (S, *shape)}, fresh leaves that require grad
 
@@ -446,7 +444,7 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
             evaluations[i].append({"step": at_step, **(row or {})})
 
     threads_before = torch.get_num_threads()
-    with small_model_threads(model) if threads is None else contextlib.nullcontext():
+    with small_model_threads(reference) if threads is None else contextlib.nullcontext():
         if threads is not None:
             torch.set_num_threads(int(threads))
         if callback is not None:
