@@ -126,8 +126,9 @@ def sequence_kl(policy, reference, tokenizer, prompts: Sequence[str], n_samples:
 
     `n_samples` completions per prompt are sampled from the policy at temperature 1 (the estimator needs
     samples from π itself), and the exact sampled tokens (EOS included when the policy stopped) are scored by
-    both models: π's log-probs are read from the logits that drew the samples, π_ref's in one forward. Returns (mean, standard error over all samples). Each term can be negative; the mean
-    converges to the KL, which is >= 0. A model against itself gives exactly 0.
+    both models, in the pass that samples them (`_sample_with_kl_terms`). Returns (mean, standard error over
+    all samples). Each term can be negative; the mean converges to the KL, which is >= 0. A model against
+    itself gives exactly 0.
     """
     _, _, terms = _sample_with_kl_terms(policy, reference, tokenizer, list(prompts), n_samples, seed,
                                         max_new_tokens, batch_size)
