@@ -411,7 +411,7 @@ def run_dpo_seeds(world: World, cfg: DPOConfig | None, seeds, pairs_per_seed=Non
     config = reference.config
     params, _ = stack_module_state([reference] * S)  # {name: (S, *shape)}, fresh leaves that require grad
 
-    def batched(packed, index):  # every copy on its own packed rows, logits put back where concatenated_forward has them
+    def batched(packed, index):  # each copy on its own packed rows; logits put back where concatenated_forward has them
         logits = multiseed.forward(params, config, packed["input_ids"], packed["position_ids"], None,
                                    attention_bias=packed["attention_mask"])  # (S, R, L, V)
         return _unpack(logits, index)  # (S, 2B, T, V)

@@ -236,7 +236,8 @@ def generate_completion_ids(model, tokenizer, prompts: list[str], k: int = 1, ma
     (`minidpo.evaluate`), since decoding and re-encoding need not give the same tokens back.
 
     Sampling is from the model's full distribution at `temperature` (`top_k=0`, no top-p), as a KL estimate
-    needs; `top_k > 0` keeps only the k most likely next tokens; temperature 0 is greedy decoding. Prompts are left-padded in batches of `batch_size` rows (generate() derives the position
+    needs; `top_k > 0` keeps only the k most likely next tokens; temperature 0 is greedy decoding. Prompts are
+    left-padded in batches of `batch_size` rows (generate() derives the position
     ids from the attention mask, so padding does not change the distribution). The result depends only on
     `seed` (and `batch_size`); the global RNG is left as it was.
 
